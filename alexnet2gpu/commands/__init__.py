@@ -1,0 +1,1 @@
+"""One module per `alexnet2gpu` sub-command: ``add_arguments(parser)`` and ``run(args)``."""

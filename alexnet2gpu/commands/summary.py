@@ -1,0 +1,28 @@
+"""Every layer of a placed net: name, device, output shape and parameters, with totals per
+device. Planned without the hardware (meta and fake tensors): `--placement split` works on
+a machine with no GPU and allocates nothing."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..cli import add_model_arguments, add_placement_arguments, model_kwargs
+from ..summary import plan_summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    add_placement_arguments(parser)
+    parser.add_argument("--json", metavar="PATH", help="also write the summary as JSON to PATH ('-' for stdout)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..report import write_json
+    from ..report.summary import render_summary
+
+    record = plan_summary(args.model, args.placement, args.devices, **model_kwargs(args))
+    if args.json != "-":
+        render_summary(record)
+    if args.json:
+        write_json(args.json, record.to_json())
+    return 0

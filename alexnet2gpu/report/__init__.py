@@ -1,0 +1,53 @@
+"""Rendering: the only package that imports rich (terminal tables) or matplotlib (plots).
+Measurement code returns plain records; these modules turn them into text and pictures."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+
+__all__ = ["console", "fmt_int", "write_json", "write_text_atomic"]
+
+_CONSOLE: Console | None = None
+
+
+def console() -> Console:
+    """The one console everything prints through (stdout)."""
+    global _CONSOLE
+    if _CONSOLE is None:
+        _CONSOLE = Console(highlight=False)
+    return _CONSOLE
+
+
+def fmt_int(n: int) -> str:
+    return f"{n:,}"
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file in the same folder, fsync and
+    ``os.replace``: an interrupted write leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    """JSON to a file (atomically), or to stdout when ``path`` is ``-``."""
+    text = json.dumps(data, indent=2) + "\n"
+    if str(path) == "-":
+        print(text, end="")
+    else:
+        write_text_atomic(path, text)
