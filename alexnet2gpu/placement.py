@@ -32,7 +32,7 @@ from torch import nn
 from .errors import ConfigError
 from .models import DualAlexNet, Tower
 
-__all__ = ["PLACEMENTS", "Layout", "place", "parse_devices", "default_device", "devices_of"]
+__all__ = ["PLACEMENTS", "ExchangeCounter", "Layout", "place", "parse_devices", "default_device", "devices_of"]
 
 log = logging.getLogger("alexnet2gpu")
 
@@ -190,6 +190,37 @@ class GroupedDualAlexNet(_PlacedDual):
         return self.fc8(h)
 
 
+class ExchangeCounter:
+    """Bytes that crossed between the towers' devices, forward and backward, counted at
+    the exchanges themselves (so ``split`` on ``cpu,cpu`` counts what two GPUs would send)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.transfers = 0
+
+    def add(self, tensor: torch.Tensor) -> None:
+        self.bytes += tensor.numel() * tensor.element_size()
+        self.transfers += 1
+
+    def reset(self) -> None:
+        self.bytes = self.transfers = 0
+
+
+class _Send(torch.autograd.Function):
+    """``tensor.to(device)`` that counts its bytes, and its gradient's bytes on the way back."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, device: torch.device, counter: ExchangeCounter) -> torch.Tensor:
+        ctx.source, ctx.counter = tensor.device, counter
+        counter.add(tensor)
+        return tensor.to(device)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.counter.add(grad)
+        return grad.to(ctx.source), None, None
+
+
 class SplitDualAlexNet(_PlacedDual):
     """Tower a and fc8 on the first device, tower b on the second ([paper] section 3.2).
 
@@ -198,6 +229,13 @@ class SplitDualAlexNet(_PlacedDual):
     first device for fc8 (exchange 4). Kernels are launched asynchronously, so on two GPUs
     the towers compute at the same time."""
 
+    def __init__(self, model: DualAlexNet, layout: Layout) -> None:
+        super().__init__(model, layout)
+        self.exchange_counter = ExchangeCounter()
+
+    def send(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return _Send.apply(tensor, device, self.exchange_counter)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         dev_a, dev_b = self.layout.devices
@@ -205,10 +243,10 @@ class SplitDualAlexNet(_PlacedDual):
         h_a, h_b = x.to(dev_a), x.to(dev_b)
         for stage in range(Tower.NUM_STAGES - 1):
             out_a, out_b = a.stage(stage, h_a), b.stage(stage, h_b)
-            h_a = torch.cat([out_a, out_b.to(dev_a)], dim=1)  # exchanges 1-3, b -> a
-            h_b = torch.cat([out_a.to(dev_b), out_b], dim=1)  # exchanges 1-3, a -> b
+            h_a = torch.cat([out_a, self.send(out_b, dev_a)], dim=1)  # exchanges 1-3, b -> a
+            h_b = torch.cat([self.send(out_a, dev_b), out_b], dim=1)  # exchanges 1-3, a -> b
         out_a, out_b = a.stage(3, h_a), b.stage(3, h_b)
-        return self.fc8(torch.cat([out_a, out_b.to(dev_a)], dim=1))  # exchange 4, b -> a
+        return self.fc8(torch.cat([out_a, self.send(out_b, dev_a)], dim=1))  # exchange 4, b -> a
 
 
 def place(model: nn.Module, placement: str = "auto", devices=None) -> nn.Module:

@@ -1,0 +1,31 @@
+"""One training step's forward and loss, the same call for every placement.
+
+The loss is computed once, on the device that holds fc8 ([cfg]: softmax and loss on the
+first GPU). Every process calls ``forward_loss(...).backward()``; under ``ranks`` the
+tower that does not hold fc8 gets a surrogate whose backward runs its side of the
+exchanges' backward (see :mod:`alexnet2gpu.ranks`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["forward_loss"]
+
+
+def forward_loss(
+    placed: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+) -> torch.Tensor:
+    """Runs ``placed`` on ``x`` and returns the loss against ``y`` (on the logits' device)."""
+    layout = getattr(placed, "layout", None)
+    if layout is not None and layout.placement == "ranks":
+        return placed.forward_loss(x, y, criterion)
+    logits = placed(x)
+    return criterion(logits, y.to(logits.device))
