@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "Alexnet2gpuError", "EXIT_USAGE", "EXIT_FAILURE"]
+__all__ = ["ConfigError", "Alexnet2gpuError", "CheckpointError", "DataError", "EXIT_USAGE", "EXIT_FAILURE"]
 
 EXIT_FAILURE = 1  # the job ran and failed (a mismatch, a crashed rank, a bad file)
 EXIT_USAGE = 2  # bad flags or arguments, as argparse does
@@ -19,3 +19,13 @@ class ConfigError(Alexnet2gpuError, ValueError):
     The message names the value and what would work."""
 
     exit_code = EXIT_USAGE
+
+
+class DataError(Alexnet2gpuError):
+    """A data file or image folder that cannot be read: the message names the file and
+    what is wrong with it."""
+
+
+class CheckpointError(Alexnet2gpuError):
+    """A checkpoint that is refused (truncated, corrupt, unverified or unsafe): the message
+    names the file and why. A refused checkpoint is never loaded another way."""
