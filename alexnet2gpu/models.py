@@ -452,5 +452,7 @@ def build_model(
             raise ConfigError(f"{label} must be at least 1, got {value}")
     if not width > 0:
         raise ConfigError(f"width must be positive, got {width}")
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
     return _BUILDERS[name](in_channels=in_channels, num_classes=num_classes, image_size=image_size,
                            width=width, dropout=dropout)

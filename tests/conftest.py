@@ -1,0 +1,19 @@
+"""Shared test settings: a tiny dual net runs in milliseconds on the CPU."""
+
+import pytest
+import torch
+
+from alexnet2gpu import build_model, smallest_image_size
+
+TINY = {"width": 1 / 16, "image_size": smallest_image_size("dual")}  # 64 px, conv widths 3-12
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def tiny_dual():
+    return build_model("dual", **TINY)

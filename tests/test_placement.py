@@ -1,0 +1,235 @@
+"""One function, every placement: towers, grouped and split (on cpu,cpu) give the same
+logits, loss and gradients; split on two CUDA devices is proven under FakeTensorMode."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from alexnet2gpu import (
+    ConfigError, build_model, from_grouped_state_dict, place, seed_dropout, to_grouped_state_dict,
+)
+from alexnet2gpu.models import init_xavier_
+from alexnet2gpu.placement import SplitDualAlexNet
+from alexnet2gpu.step import forward_loss
+from alexnet2gpu.verify import TOLERANCE, available_placements, check_placement, relative_error
+
+from .conftest import TINY
+
+PLACEMENTS = [("towers", "cpu"), ("grouped", "cpu"), ("split", "cpu,cpu")]
+
+
+def run(placed, x, y, seed=7):
+    seed_dropout(placed, seed)
+    placed.train()
+    logits = placed(x)
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    return logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in placed.named_parameters()}
+
+
+@pytest.fixture
+def xavier_dual(tiny_dual):
+    init_xavier_(tiny_dual)  # well-conditioned gradients (see verify.check_placement)
+    return tiny_dual
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(6, 3, 64, 64, generator=g), torch.randint(0, 1000, (6,), generator=g)
+
+
+@pytest.mark.parametrize("placement, devices", PLACEMENTS)
+def test_placement_matches_float64_reference(placement, devices):
+    check = check_placement(placement, devices, batch_size=6, seed=3)
+    assert check.ok, check
+    assert check.grads_rel_err < TOLERANCE and check.logits_rel_err < TOLERANCE
+
+
+@pytest.mark.parametrize("placement, devices", PLACEMENTS[1:])
+def test_placements_agree_in_float32_with_dropout(xavier_dual, batch, placement, devices):
+    x, y = batch
+    ref_logits, ref_loss, ref_grads = run(copy.deepcopy(xavier_dual), x, y)
+    logits, loss, grads = run(place(copy.deepcopy(xavier_dual), placement, devices), x, y)
+    assert relative_error(logits, ref_logits) < 1e-5
+    assert relative_error(loss, ref_loss) < 1e-5
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        assert relative_error(grads[name], ref_grads[name]) < 1e-5, name
+
+
+def test_dropout_is_active_and_seeded(xavier_dual, batch):
+    x, y = batch
+    a, _, _ = run(copy.deepcopy(xavier_dual), x, y, seed=1)
+    b, _, _ = run(copy.deepcopy(xavier_dual), x, y, seed=2)
+    c, _, _ = run(copy.deepcopy(xavier_dual), x, y, seed=1)
+    assert not torch.allclose(a, b)  # different seeds, different masks
+    assert torch.equal(a, c)
+
+
+def test_a_wrong_exchange_is_caught(xavier_dual, batch, monkeypatch):
+    """The equivalence check can fail: swap the towers' order at exchange 1 in split."""
+    x, y = batch
+    ref_logits, _, _ = run(copy.deepcopy(xavier_dual), x, y)
+    placed = place(copy.deepcopy(xavier_dual), "split", "cpu,cpu")
+    real_send = SplitDualAlexNet.send
+    monkeypatch.setattr(SplitDualAlexNet, "send", lambda self, t, d: real_send(self, t.flip(1), d))
+    logits, _, _ = run(placed, x, y)
+    assert relative_error(logits, ref_logits) > 1e-3
+
+
+@pytest.mark.parametrize("placement, devices", PLACEMENTS)
+def test_state_dict_keys_are_the_same_in_every_placement(tiny_dual, placement, devices):
+    keys = list(tiny_dual.state_dict())
+    placed = place(copy.deepcopy(tiny_dual), placement, devices)
+    assert list(placed.state_dict()) == keys
+    placed.load_state_dict(tiny_dual.state_dict())
+
+
+def test_grouped_state_dict_round_trip_is_lossless(tiny_dual):
+    sd = tiny_dual.state_dict()
+    grouped = to_grouped_state_dict(sd)
+    assert list(grouped) == [f"{l}.{p}" for l in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+                             for p in ("weight", "bias")]
+    back = from_grouped_state_dict(grouped)
+    assert back.keys() == sd.keys()
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+    # tower a is group 0: the first half of the output channels
+    assert torch.equal(grouped["conv2.weight"][: sd["tower_a.conv2.weight"].shape[0]], sd["tower_a.conv2.weight"])
+
+
+def test_grouped_layout_is_caffes_function(xavier_dual, batch):
+    """The converted weights in a plain groups=2 single-stream net, with LRN within each
+    tower, give the two-tower net's logits: the layouts describe the same function."""
+    x, _ = batch
+    g = to_grouped_state_dict(xavier_dual.state_dict())
+    net, a = xavier_dual.eval(), xavier_dual.tower_a
+
+    def lrn(h):
+        n, c, hh, ww = h.shape
+        return F.local_response_norm(h.reshape(n * 2, c // 2, hh, ww), 5, 1e-4, 0.75, 2.0).reshape(n, c, hh, ww)
+
+    padded = F.pad(x, (0, a.pad1.pad, 0, a.pad1.pad))  # cuda-convnet's conv1 edge (3 px at 64, 224)
+    h = F.relu(F.conv2d(padded, g["conv1.weight"], g["conv1.bias"], stride=4))
+    h = F.max_pool2d(lrn(h), 3, 2)
+    h = F.max_pool2d(lrn(F.relu(F.conv2d(h, g["conv2.weight"], g["conv2.bias"], padding=2, groups=2))), 3, 2)
+    h = F.relu(F.conv2d(h, g["conv3.weight"], g["conv3.bias"], padding=1))
+    h = F.relu(F.conv2d(h, g["conv4.weight"], g["conv4.bias"], padding=1, groups=2))
+    h = F.max_pool2d(F.relu(F.conv2d(h, g["conv5.weight"], g["conv5.bias"], padding=1, groups=2)), 3, 2)
+    h = F.relu(F.linear(h.flatten(1), g["fc6.weight"], g["fc6.bias"]))
+    h = F.relu(F.linear(h, g["fc7.weight"], g["fc7.bias"]))
+    logits = F.linear(h, g["fc8.weight"], g["fc8.bias"])
+    assert relative_error(logits, net(x)) < 1e-5
+
+
+class CrossingLog(TorchDispatchMode):
+    """Records every op whose output lies on another device than one of its inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.crossings = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        if isinstance(out, torch.Tensor):
+            sources = {str(t.device) for t in inputs} - {str(out.device)}
+            if sources:
+                self.crossings.append((sources.pop(), str(out.device), list(out.shape)))
+        return out
+
+
+def plan_split(**kwargs):
+    with torch.device("meta"):
+        model = build_model("dual", **kwargs)
+    return model
+
+
+def test_split_on_two_cuda_devices_under_fake_tensors():
+    model = plan_split(**TINY)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        placed = place(model, "split", ["cuda:0", "cuda:1"])
+        for name, p in placed.named_parameters():
+            expected = "cuda:1" if name.startswith("tower_b.") else "cuda:0"
+            assert str(p.device) == expected, name
+        x = torch.empty(2, 3, 64, 64, device="cuda:0")
+        placed.train()  # dropout included
+        with CrossingLog() as log:
+            logits = placed(x)
+        assert str(logits.device) == "cuda:0" and logits.shape == (2, 1000)
+    # per-tower widths at 1/16: conv2 8, conv5 8, fc 128; at 64 px pool2 is 3x3, pool5 1x1
+    c2, c5, fc = 8, 8, 128
+    assert sorted(log.crossings) == sorted([
+        ("cuda:0", "cuda:1", [2, 3, 64, 64]),  # the image, to tower b
+        ("cuda:1", "cuda:0", [2, c2, 3, 3]), ("cuda:0", "cuda:1", [2, c2, 3, 3]),  # exchange 1
+        ("cuda:1", "cuda:0", [2, c5]), ("cuda:0", "cuda:1", [2, c5]),  # exchange 2
+        ("cuda:1", "cuda:0", [2, fc]), ("cuda:0", "cuda:1", [2, fc]),  # exchange 3
+        ("cuda:1", "cuda:0", [2, fc]),  # exchange 4, tower b's fc7 output to fc8
+    ])
+
+
+def test_full_size_split_plans_without_hardware():
+    model = plan_split()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        placed = place(model, "split", ["cuda:0", "cuda:1"])
+        logits = placed(torch.empty(128, 3, 227, 227, device="cuda:0"))
+    assert logits.shape == (128, 1000) and str(logits.device) == "cuda:0"
+
+
+def test_a_missing_copy_raises_device_mismatch(monkeypatch):
+    model = plan_split(**TINY)
+    monkeypatch.setattr(SplitDualAlexNet, "send", lambda self, t, device: t)  # forget the copy
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        placed = place(model, "split", ["cuda:0", "cuda:1"])
+        with pytest.raises(FakeTensorDeviceMismatchError):
+            placed(torch.empty(2, 3, 64, 64, device="cuda:0"))
+
+
+def test_split_counts_the_designs_bytes_per_image():
+    """DESIGN.md section 3: 113,152 bytes each way + 8,192, forward and backward."""
+    model = build_model("dual")
+    placed = place(model, "split", "cpu,cpu")
+    x, y = torch.randn(2, 3, 227, 227), torch.tensor([0, 1])
+    forward_loss(placed, x, y).backward()
+    assert placed.exchange_counter.bytes == 2 * 468_992
+    assert placed.exchange_counter.transfers == 14  # 7 forward, 7 backward
+
+
+def test_auto_says_what_it_chose_and_why(tiny_dual, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    placed = place(tiny_dual, "auto")
+    if torch.cuda.device_count() == 0:
+        assert placed.layout.placement == "grouped"
+        assert placed.layout.reason == "no CUDA device: the fused grouped net on the CPU"
+    assert placed.layout.reason
+
+
+def test_available_placements_here():
+    names = [p for p, _ in available_placements()]
+    assert names == ["towers", "grouped", "split"]
+
+
+@pytest.mark.parametrize("placement, devices, message", [
+    ("split", None, "needs two CUDA devices and this machine has 0"),
+    ("split", "cpu", "takes 2 device"),
+    ("grouped", "cpu,cpu", "takes 1 device"),
+    ("towers", "cuda:3", "cuda:3 was requested but this machine has 0 CUDA"),
+    ("towers", "tpu", "'tpu' is not a device"),
+    ("diagonal", None, "unknown placement 'diagonal'"),
+])
+def test_bad_placements_are_clear(tiny_dual, placement, devices, message):
+    if torch.cuda.device_count() > 0:
+        pytest.skip("messages checked on a machine without CUDA")
+    with pytest.raises(ConfigError, match=message):
+        place(tiny_dual, placement, devices)
+
+
+def test_single_stream_nets_take_one_device():
+    model = build_model("simplified", width=1 / 16)
+    assert place(model, "auto").layout.placement == "towers"
+    with pytest.raises(ConfigError, match="splits the two-tower net"):
+        place(model, "split", "cpu,cpu")
