@@ -53,7 +53,7 @@ SIMPLIFIED_WIDTHS = {"conv1": 96, "conv2": 256, "conv3": 384, "conv4": 384, "con
 
 # Defaults per model: (in_channels, num_classes, image_size).
 # 227 for the 2012 nets: the released code fed 224 crops and let conv1's last window run
-# 3 pixels off the edge (see _Conv1Padding); Caffe's bvlc_alexnet feeds 227.
+# 3 pixels off the edge (see Conv1Padding); Caffe's bvlc_alexnet feeds 227.
 DEFAULTS = {
     "dual": (3, 1000, 227),
     "half": (3, 1000, 227),
@@ -118,7 +118,7 @@ def _check_input(x: torch.Tensor, in_channels: int, image_size: int) -> None:
         )
 
 
-class _Conv1Padding(nn.Module):
+class Conv1Padding(nn.Module):
     """Pads right and bottom so that conv1 (11x11, stride 4) covers the image the way the
     released code did: 224 -> 227 -> 55x55 [cfg]. A no-op at 227."""
 
@@ -219,7 +219,7 @@ class Tower(nn.Module):
         super().__init__()
         c1, c2, c3, c4, c5, fc = (widths[k] for k in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc"))
         side = _pool5_size("dual", image_size)
-        self.pad1 = _Conv1Padding(image_size)
+        self.pad1 = Conv1Padding(image_size)
         self.conv1 = nn.Conv2d(in_channels, c1, kernel_size=11, stride=4)  # [paper] 3.5
         self.relu1 = nn.ReLU()
         self.norm1 = nn.LocalResponseNorm(LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K)
@@ -371,7 +371,7 @@ class HalfAlexNet(_Checked):
         side = _check_image_size("half", image_size)
         w = {k: _scaled(v, width) for k, v in HALF_WIDTHS.items()}
         super().__init__(OrderedDict(
-            _features(in_channels, w, _Conv1Padding(image_size), 0, lrn=True)
+            _features(in_channels, w, Conv1Padding(image_size), 0, lrn=True)
             + _classifier(w["conv5"] * side * side, w["fc"], num_classes, dropout)
         ))
         self.in_channels, self.num_classes, self.image_size = in_channels, num_classes, image_size

@@ -32,13 +32,13 @@ def render_summary(record: SummaryRecord) -> None:
 
 
 def render_checks(checks: list[PlacementCheck]) -> None:
-    table = Table(title="placements against the float64 reference (one training step, dropout on)",
-                  title_justify="left")
+    table = Table(title="largest relative error against the float64 reference "
+                        "(one training step, dropout on)", title_justify="left")
     table.add_column("placement")
     table.add_column("devices")
     for col in ("logits", "loss", "gradients"):
-        table.add_column(f"{col} rel. err", justify="right")
-    table.add_column("worst gradient")
+        table.add_column(col, justify="right")
+    table.add_column("worst gradient", overflow="fold")
     table.add_column("result")
     for c in checks:
         table.add_row(c.placement, ",".join(c.devices), f"{c.logits_rel_err:.2e}", f"{c.loss_rel_err:.2e}",
