@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-from .errors import Alexnet2gpuError
+from .errors import EXIT_USAGE, Alexnet2gpuError
 
 __all__ = ["main", "build_parser", "add_model_arguments", "add_placement_arguments"]
 
@@ -62,8 +62,15 @@ def model_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as one line (the value, what would work) and exit 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="alexnet2gpu",
         description="The original two-GPU AlexNet (2012) beside the simplified single-stream net.",
     )

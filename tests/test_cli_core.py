@@ -77,7 +77,9 @@ def test_unknown_model_is_argparse_exit_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["summary", "--model", "vgg"])
     assert exit_info.value.code == 2
-    assert "invalid choice: 'vgg'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "invalid choice: 'vgg' (choose from 'dual'" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_python_dash_m_works():
