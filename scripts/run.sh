@@ -20,8 +20,8 @@ if [ ! -x "$VENV/bin/alexnet2gpu" ] || [ pyproject.toml -nt "$VENV/.alexnet2gpu-
     say "setting up $VENV (first run only)"
     "$PYTHON" -m venv "$VENV"
     # shellcheck disable=SC2086
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check $TORCH_SPEC
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test,plot]"
+    "$VENV/bin/python" -m pip install -qq --disable-pip-version-check $TORCH_SPEC
+    "$VENV/bin/python" -m pip install -qq --disable-pip-version-check -e ".[test,plot]"
     touch "$VENV/.alexnet2gpu-installed"
 fi
 
