@@ -1,0 +1,386 @@
+"""Throughput of a placed net in images/s, for a training step and for inference, over a
+sweep of batch sizes. Returns plain records; :mod:`alexnet2gpu.report.bench` renders them.
+
+How it measures (DESIGN.md section 4):
+
+* synthetic batches are made once, on the device that takes the input: no loader, no
+  host-to-device copy in the timed loop;
+* ``warmup`` steps run first and are not timed (allocator, cuDNN algorithm choice);
+* before the clock is read, *every* CUDA device in use is synchronised
+  (``torch.cuda.synchronize()`` alone waits only for the current one), and under
+  ``ranks`` all processes meet at a barrier, so the time covers the slowest tower;
+* each of ``repeats`` timings covers ``steps`` steps; the figure is the median of the
+  repeats and the spread is half their range (max - min) / 2, both in images/s.
+
+A training step is ``forward_loss(placed, x, y).backward()`` and an SGD step (momentum
+0.9) for every placement, with ``zero_grad(set_to_none=True)`` first; inference is
+``placed(x)`` under ``torch.inference_mode()``, the network in eval mode.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+from .models import build_model
+from .placement import devices_of, place
+from .step import forward_loss
+
+__all__ = [
+    "MODES",
+    "BenchResult",
+    "OverheadResult",
+    "bench_placed",
+    "check_batch_sizes",
+    "device_label",
+    "machine_info",
+    "make_batch",
+    "make_optimizer",
+    "measure_overhead",
+    "parse_batch_sizes",
+    "run_bench",
+    "synchronize",
+    "time_repeats",
+    "train_step",
+]
+
+MODES = ("train", "infer")
+LR, MOMENTUM = 0.01, 0.9  # [paper] section 5: SGD, momentum 0.9 (lr does not change the timing)
+
+
+@dataclass
+class BenchResult:
+    """One (model, placement, mode, batch size) measurement. ``images_per_s`` is the median
+    over the repeats, ``spread`` half their range, both in images/s (global batch under
+    ``ranks``). ``source`` is always ``measured``: nothing here is estimated."""
+
+    model: str
+    placement: str
+    mode: str  # "train" or "infer"
+    batch_size: int
+    images_per_s: float
+    spread: float
+    device: str  # e.g. "cpu", "cuda:0,cuda:1", "cpu x2 processes"
+    repeats_images_per_s: list[float] = field(default_factory=list)
+    steps_per_repeat: int = 1
+    image_size: int = 0
+    width: float = 1.0
+    threads: int = 0  # CPU threads per process
+    processes: int = 1
+    source: str = "measured"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class OverheadResult:
+    """``bench``'s training-step figure against a plain PyTorch loop (forward, loss,
+    backward, SGD step) on the same model and batch, timed alternately so that a change
+    in machine load hits both. ``overhead`` = plain / harness - 1 (0.03 = 3 % slower)."""
+
+    model: str
+    batch_size: int
+    device: str
+    harness_images_per_s: float
+    plain_images_per_s: float
+    overhead: float
+    repeats: int
+    steps_per_repeat: int
+    image_size: int
+    threads: int
+    source: str = "measured"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def machine_info() -> dict:
+    """What the figures were measured on: CPU model and cores, GPUs, load, torch."""
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            match = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.MULTILINE)
+        if match:
+            cpu = match.group(1).strip()
+    except OSError:
+        pass
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = []
+    return {
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "gpus": gpus,
+        "load_average": load,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def parse_batch_sizes(spec: str | Iterable[int]) -> list[int]:
+    """``"32,64,128"`` (or a list) to ``[32, 64, 128]``; refuses anything below 1."""
+    if isinstance(spec, str):
+        try:
+            sizes = [int(s) for s in spec.split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError(f"batch sizes '{spec}' are not whole numbers: use e.g. 32,64,128") from None
+    else:
+        sizes = [int(s) for s in spec]
+    if not sizes or min(sizes) < 1:
+        raise ConfigError(f"batch sizes must be whole numbers >= 1, e.g. 32,64,128; got '{spec}'")
+    return sizes
+
+
+def check_batch_sizes(placed: nn.Module, sizes: list[int]) -> None:
+    """Under ``ranks`` with k data-parallel replicas the batch is global: k must divide it."""
+    dp = placed.layout.dp_size if hasattr(placed, "layout") else 1
+    bad = [b for b in sizes if b % dp]
+    if bad:
+        raise ConfigError(
+            f"batch size {bad[0]} does not divide among {dp} data-parallel replicas: "
+            f"use a multiple of {dp}"
+        )
+
+
+def device_label(placed: nn.Module) -> str:
+    """Where a placed net runs, in words: ``cpu``, ``cuda:0,cuda:1``, ``cpu x2 processes``."""
+    layout = getattr(placed, "layout", None)
+    devices = devices_of(placed)
+    if layout is not None and layout.placement == "ranks":
+        return f"{devices[0].type} x{layout.world_size} processes"
+    return ",".join(str(d) for d in devices)
+
+
+def _input_device(placed: nn.Module) -> torch.device:
+    return devices_of(placed)[0]
+
+
+def _local_batch(placed: nn.Module, batch_size: int) -> int:
+    layout = getattr(placed, "layout", None)
+    if layout is not None and layout.placement == "ranks":
+        return batch_size // layout.dp_size
+    return batch_size
+
+
+def make_batch(placed: nn.Module, batch_size: int, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A synthetic batch (this process's share of it under ``ranks``) made on the device
+    that takes the input, from a seeded generator so every process draws the same images."""
+    device = _input_device(placed)
+    n = _local_batch(placed, batch_size)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(n, placed.in_channels, placed.image_size, placed.image_size,
+                    device=device, generator=generator)
+    y = torch.randint(0, placed.num_classes, (n,), device=device, generator=generator)
+    return x, y
+
+
+def make_optimizer(placed: nn.Module) -> torch.optim.Optimizer:
+    """SGD with momentum 0.9 over this process's parameters ([paper] section 5)."""
+    return torch.optim.SGD(placed.parameters(), lr=LR, momentum=MOMENTUM)
+
+
+def train_step(placed: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One training step, the same call for every placement."""
+    optimizer.zero_grad(set_to_none=True)
+    forward_loss(placed, x, y).backward()
+    optimizer.step()
+
+
+def synchronize(devices: Iterable[torch.device]) -> None:
+    """Waits for every CUDA device in ``devices`` (each one: ``torch.cuda.synchronize()``
+    alone waits only for the current device); the CPU needs nothing. Under torch.distributed
+    all processes then meet at a barrier."""
+    for device in dict.fromkeys(torch.device(d) for d in devices):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def time_repeats(step: Callable[[], None], devices, *, warmup: int, repeats: int, steps: int,
+                 on_repeat: Callable[[], None] | None = None) -> list[float]:
+    """Seconds per step for each of ``repeats`` timings of ``steps`` calls of ``step``,
+    after ``warmup`` untimed calls, with every device synchronised around each timing."""
+    if repeats < 1 or steps < 1 or warmup < 0:
+        raise ConfigError(f"need repeats >= 1, steps >= 1, warmup >= 0; got {repeats}, {steps}, {warmup}")
+    devices = list(devices)
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        synchronize(devices)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize(devices)
+        times.append((time.perf_counter() - start) / steps)
+        if on_repeat is not None:
+            on_repeat()
+    return times
+
+
+def _summarise(batch_size: int, seconds: list[float]) -> tuple[float, float, list[float]]:
+    rates = [batch_size / s for s in seconds]
+    return statistics.median(rates), (max(rates) - min(rates)) / 2, rates
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def bench_placed(
+    placed: nn.Module,
+    model_name: str,
+    batch_sizes: list[int],
+    modes: Iterable[str] = MODES,
+    *,
+    warmup: int = 1,
+    repeats: int = 3,
+    steps: int = 1,
+    seed: int = 0,
+    width: float = 1.0,
+    model_kwargs: dict | None = None,
+    on_repeat: Callable[[], None] | None = None,
+) -> list[BenchResult]:
+    """Measures ``placed`` for every (mode, batch size); one record each. A CUDA
+    out-of-memory error becomes an :class:`Alexnet2gpuError` that names the device, the
+    batch and the largest batch the memory estimate says would fit."""
+    modes = list(modes)
+    for mode in modes:
+        if mode not in MODES:
+            raise ConfigError(f"unknown mode '{mode}': choose train, infer or both")
+    check_batch_sizes(placed, batch_sizes)
+    devices = devices_of(placed)
+    layout = placed.layout
+    label = device_label(placed)
+    results = []
+    for batch_size in batch_sizes:
+        x, y = make_batch(placed, batch_size, seed=seed)
+        for mode in modes:
+            try:
+                if mode == "train":
+                    placed.train()
+                    optimizer = make_optimizer(placed)
+                    seconds = time_repeats(lambda: train_step(placed, optimizer, x, y), devices,
+                                           warmup=warmup, repeats=repeats, steps=steps, on_repeat=on_repeat)
+                    del optimizer
+                    placed.zero_grad(set_to_none=True)
+                else:
+                    placed.eval()
+
+                    def infer() -> None:
+                        with torch.inference_mode():
+                            placed(x)
+
+                    seconds = time_repeats(infer, devices, warmup=warmup, repeats=repeats, steps=steps,
+                                           on_repeat=on_repeat)
+            except torch.OutOfMemoryError as error:
+                placed.zero_grad(set_to_none=True)
+                from .memory import out_of_memory_error
+
+                raise out_of_memory_error(error, model_name, placed, batch_size, mode,
+                                          model_kwargs=model_kwargs) from None
+            median, spread, rates = _summarise(batch_size, seconds)
+            results.append(BenchResult(
+                model=model_name, placement=layout.placement, mode=mode, batch_size=batch_size,
+                images_per_s=median, spread=spread, device=label, repeats_images_per_s=rates,
+                steps_per_repeat=steps, image_size=placed.image_size, width=width,
+                threads=_threads(), processes=layout.world_size,
+            ))
+        del x, y
+    placed.train()
+    return results
+
+
+def run_bench(
+    model_name: str,
+    placement: str,
+    devices=None,
+    *,
+    batch_sizes: list[int],
+    modes: Iterable[str] = MODES,
+    warmup: int = 1,
+    repeats: int = 3,
+    steps: int = 1,
+    seed: int = 0,
+    on_repeat: Callable[[], None] | None = None,
+    **model_kwargs,
+) -> list[BenchResult]:
+    """Builds and places ``model_name`` and measures it (see :func:`bench_placed`)."""
+    torch.manual_seed(seed)
+    model = build_model(model_name, **model_kwargs)
+    placed = place(model, placement, devices)
+    return bench_placed(placed, model_name, batch_sizes, modes, warmup=warmup, repeats=repeats,
+                        steps=steps, seed=seed, width=model_kwargs.get("width", 1.0), model_kwargs=model_kwargs,
+                        on_repeat=on_repeat)
+
+
+def measure_overhead(
+    model_name: str = "simplified",
+    *,
+    device="cpu",
+    batch_size: int = 64,
+    warmup: int = 1,
+    repeats: int = 5,
+    steps: int = 1,
+    seed: int = 0,
+    on_repeat: Callable[[], None] | None = None,
+    **model_kwargs,
+) -> OverheadResult:
+    """``bench``'s training step against the plainest PyTorch loop on the same model,
+    optimizer settings and batch. Repeats alternate between the two (harness, plain,
+    harness, ...) so that other load on the machine falls on both alike."""
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    model = build_model(model_name, **model_kwargs)
+    placed = place(model, "towers", [device])
+    x, y = make_batch(placed, batch_size, seed=seed)
+    harness_opt = make_optimizer(placed)
+
+    # The plain loop, written as a user would, with nothing from this package in it.
+    plain = build_model(model_name, **model_kwargs).to(device)
+    plain.load_state_dict(model.state_dict())
+    plain.train()
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=LR, momentum=MOMENTUM)
+
+    def plain_step() -> None:
+        plain_opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(plain(x), y)
+        loss.backward()
+        plain_opt.step()
+
+    def harness_step() -> None:
+        train_step(placed, harness_opt, x, y)
+
+    placed.train()
+    harness, plain_times = [], []
+    for _ in range(warmup):
+        harness_step()
+        plain_step()
+    for _ in range(repeats):
+        harness += time_repeats(harness_step, [device], warmup=0, repeats=1, steps=steps)
+        plain_times += time_repeats(plain_step, [device], warmup=0, repeats=1, steps=steps)
+        if on_repeat is not None:
+            on_repeat()
+    harness_rate = batch_size / statistics.median(harness)
+    plain_rate = batch_size / statistics.median(plain_times)
+    return OverheadResult(
+        model=model_name, batch_size=batch_size, device=str(device),
+        harness_images_per_s=harness_rate, plain_images_per_s=plain_rate,
+        overhead=plain_rate / harness_rate - 1.0, repeats=repeats, steps_per_repeat=steps,
+        image_size=placed.image_size, threads=_threads(),
+    )

@@ -1,0 +1,92 @@
+"""Throughput in images/s, for a training step and for inference, over a sweep of batch
+sizes: synthetic data made on the device, warm-up first, every device synchronised before
+the clock is read, median and spread of the repeats. Under torchrun with --placement ranks
+it measures that setup (one tower per process) and rank 0 reports."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..cli import add_model_arguments, add_placement_arguments, model_kwargs
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    add_placement_arguments(parser)
+    group = parser.add_argument_group("measuring")
+    group.add_argument("--batch-sizes", default="32,64,128",
+                       help="comma-separated batch sizes (global under ranks) (default: %(default)s)")
+    group.add_argument("--mode", choices=("train", "infer", "both"), default="both",
+                       help="a training step (forward, loss, backward, SGD step), inference, or both "
+                            "(default: %(default)s)")
+    group.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported (default: %(default)s)")
+    group.add_argument("--steps", type=int, default=1, help="steps per timed repeat (default: %(default)s)")
+    group.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: %(default)s)")
+    group.add_argument("--threads", type=int, default=None,
+                       help="CPU threads per process (default: torch's choice)")
+    group.add_argument("--seed", type=int, default=0, help="seed for the weights and the synthetic batch (default: %(default)s)")
+    group.add_argument("--against-plain-loop", action="store_true",
+                       help="also time a plain PyTorch loop (forward, loss, backward, SGD step) on the same "
+                            "model and the first batch size, and report the harness overhead")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-' for stdout)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..bench import MODES, bench_placed, machine_info, measure_overhead, parse_batch_sizes
+    from ..errors import ConfigError
+    from ..models import build_model
+    from ..placement import place
+    from ..torchrun import TorchrunEnv
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    batch_sizes = parse_batch_sizes(args.batch_sizes)
+    modes = list(MODES) if args.mode == "both" else [args.mode]
+    kwargs = model_kwargs(args)
+    env = TorchrunEnv.from_environ()
+    try:
+        torch.manual_seed(args.seed)
+        placed = place(build_model(args.model, **kwargs), args.placement, args.devices)
+        show = env.is_rank0 and args.json != "-"
+        from ..report.bench import progress_bar, render_bench, render_overhead
+
+        total = len(batch_sizes) * len(modes) * args.repeats
+        with progress_bar(total, f"{args.model}/{placed.layout.placement}", enabled=show) as bar:
+            results = bench_placed(placed, args.model, batch_sizes, modes, warmup=args.warmup,
+                                   repeats=args.repeats, steps=args.steps, seed=args.seed,
+                                   width=args.width, model_kwargs=kwargs, on_repeat=bar.advance)
+        overhead = None
+        if args.against_plain_loop:
+            if placed.layout.placement in ("split", "ranks"):
+                raise ConfigError("--against-plain-loop compares one device: use --placement towers, grouped or auto")
+            with progress_bar(args.repeats, "harness against a plain loop", enabled=show) as bar:
+                overhead = measure_overhead(args.model, device=placed.layout.devices[0], batch_size=batch_sizes[0],
+                                            warmup=args.warmup, repeats=args.repeats, steps=args.steps,
+                                            seed=args.seed, on_repeat=bar.advance, **kwargs)
+    finally:
+        if env.launched:  # destroy_process_group on every exit path
+            try:
+                from ..ranks import close_distributed
+            except ImportError:
+                pass
+            else:
+                close_distributed()
+    if not env.is_rank0:
+        return 0
+    machine = machine_info()
+    if show:
+        render_bench(results, machine)
+        if overhead is not None:
+            render_overhead(overhead)
+    if args.json:
+        from ..report import write_json
+
+        data = {"results": [r.to_json() for r in results], "torch": torch.__version__, "machine": machine}
+        if overhead is not None:
+            data["overhead"] = overhead.to_json()
+        write_json(args.json, data)
+    return 0

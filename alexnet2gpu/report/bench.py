@@ -1,0 +1,84 @@
+"""Terminal tables for `bench`: images/s per (model, placement, mode, batch size)."""
+
+from __future__ import annotations
+
+import torch
+from rich.table import Table
+
+from ..bench import BenchResult, OverheadResult
+from . import console
+
+__all__ = ["progress_bar", "render_bench", "render_overhead"]
+
+
+def render_bench(results: list[BenchResult], machine: dict | None = None) -> None:
+    first = results[0] if results else None
+    where = f"{first.device}, {first.threads} thread(s) per process" if first else ""
+    table = Table(
+        title=f"throughput, measured ({where}, torch {torch.__version__}); median of "
+              f"{len(first.repeats_images_per_s) if first else 0} repeats, ± half their range",
+        title_justify="left",
+    )
+    for col in ("model", "placement", "mode", "batch"):
+        table.add_column(col, justify="right" if col == "batch" else "left")
+    table.add_column("images/s", justify="right")
+    table.add_column("± spread", justify="right")
+    table.add_column("ms/step", justify="right")
+    for r in results:
+        table.add_row(r.model, r.placement, r.mode, str(r.batch_size), f"{r.images_per_s:,.1f}",
+                      f"{r.spread:,.1f}", f"{1000 * r.batch_size / r.images_per_s:,.1f}")
+    console().print(table)
+    if machine:
+        console().print(f"machine: {machine.get('cpu')}, {machine.get('cpu_cores')} cores, "
+                        f"GPUs: {', '.join(machine.get('gpus') or []) or 'none'}, "
+                        f"load average {machine.get('load_average')}")
+
+
+def render_overhead(result: OverheadResult) -> None:
+    verdict = "within 5 %" if abs(result.overhead) <= 0.05 else "MORE than 5 %"
+    console().print(
+        f"harness overhead, measured ({result.device}, {result.threads} thread(s), torch {torch.__version__}): "
+        f"bench {result.harness_images_per_s:,.1f} images/s against a plain loop "
+        f"{result.plain_images_per_s:,.1f} images/s ({result.model}, batch {result.batch_size}, "
+        f"median of {result.repeats}): {100 * result.overhead:+.1f} % ({verdict})"
+    )
+
+
+class _Progress:
+    """A rich progress bar for long measurements; ``advance()`` is the callback that
+    measurement code calls (it knows nothing of rich). Off when ``enabled`` is False
+    (other ranks, JSON to stdout), then ``advance`` does nothing."""
+
+    def __init__(self, total: int, description: str, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._progress = None
+        self._task = None
+        self._total, self._description = total, description
+
+    def __enter__(self) -> "_Progress":
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TimeElapsedColumn(), console=console(), transient=False)
+            self._progress.__enter__()
+            self._task = self._progress.add_task(self._description, total=self._total)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def advance(self, steps: int = 1, description: str | None = None) -> None:
+        if self._progress is not None:
+            kwargs = {"description": description} if description else {}
+            self._progress.update(self._task, advance=steps, **kwargs)
+
+    def describe(self, description: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, description=description)
+
+
+def progress_bar(total: int, description: str, enabled: bool = True) -> _Progress:
+    """``with progress_bar(n, "measuring") as bar: work(on_repeat=bar.advance)``."""
+    return _Progress(total, description, enabled)
