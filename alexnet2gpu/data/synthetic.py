@@ -1,0 +1,53 @@
+"""Synthetic batches: a pure function of (seed, step), so that every placement and every
+process of a job sees the same data without a loader or a dataset on disk.
+
+The global batch of a step is drawn from a generator seeded by (seed, step); a data-
+parallel replica takes its contiguous slice of it. Images are N(0, 1), labels uniform
+over the classes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from ..errors import ConfigError
+
+__all__ = ["synthetic_batch", "replica_slice"]
+
+
+def _step_seed(seed: int, step: int) -> int:
+    digest = hashlib.sha256(f"alexnet2gpu/synthetic/{seed}/{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def replica_slice(global_batch: int, dp_size: int, dp_rank: int) -> slice:
+    """The rows of a global batch that replica ``dp_rank`` of ``dp_size`` trains on."""
+    if global_batch < 1 or global_batch % dp_size:
+        raise ConfigError(
+            f"the global batch size {global_batch} does not split over {dp_size} data-parallel "
+            f"replicas: use a multiple of {dp_size}"
+        )
+    local = global_batch // dp_size
+    return slice(dp_rank * local, (dp_rank + 1) * local)
+
+
+def synthetic_batch(
+    seed: int,
+    step: int,
+    batch_size: int,
+    *,
+    in_channels: int,
+    image_size: int,
+    num_classes: int,
+    dp_size: int = 1,
+    dp_rank: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replica ``dp_rank``'s share of step ``step``'s global batch of ``batch_size``
+    images ``[N, in_channels, image_size, image_size]`` (float32, CPU) and labels."""
+    rows = replica_slice(batch_size, dp_size, dp_rank)
+    generator = torch.Generator().manual_seed(_step_seed(seed, step))
+    x = torch.randn(batch_size, in_channels, image_size, image_size, generator=generator)
+    y = torch.randint(0, num_classes, (batch_size,), generator=generator)
+    return x[rows].contiguous(), y[rows].contiguous()
