@@ -20,6 +20,9 @@ __all__ = ["main", "build_parser", "add_model_arguments", "add_placement_argumen
 COMMANDS = {
     "summary": ("summary", "every layer's device, output shape and parameters, planned without hardware"),
     "verify": ("verify", "check that every placement here computes the same function"),
+    "bench": ("bench", "throughput in images/s, training and inference, over batch sizes"),
+    "memory": ("memory", "memory per device for one training step, and bytes exchanged"),
+    "compare": ("compare", "the main job: every net and placement side by side, tables, JSON, Markdown, plots"),
 }
 
 

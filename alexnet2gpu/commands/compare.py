@@ -1,0 +1,79 @@
+"""The main job: the simplified net, the two-tower net in every placement this machine can
+run (towers, grouped; split on two GPUs; ranks as a 2-process torchrun job it launches
+itself), and the peers half and torchvision, side by side: parameters and memory per
+device, training and inference images/s over batch sizes, bytes exchanged per step and
+speed-ups. Writes DIR/compare.json, DIR/compare.md and PNG plots, atomically: an
+interrupted run leaves the previous report as it was. Defaults fit 10 minutes on a 2-core
+CPU; --quick fits 2."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="compare-out", metavar="DIR",
+                        help="folder for compare.json, compare.md and the plots (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller batches (8,16; memory at 16) and 2 repeats: under 2 minutes on a 2-core CPU")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated subset, e.g. simplified,dual/towers (default: all: "
+                             "simplified, dual/towers, dual/grouped, dual/split, dual/ranks, half, torchvision)")
+    parser.add_argument("--batch-sizes", default=None, help="throughput sweep (default: 16,32,64; --quick 8,16)")
+    parser.add_argument("--memory-batch-size", type=int, default=None, help="batch of the memory step (default: 64; --quick 16)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per figure (default: 3; --quick 2)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 1)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per timed repeat (default: 1)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads per process, also for each of the 2 ranks processes; 0 for torch's "
+                             "choice (default: %(default)s, so ranks' 2 processes x 1 thread meet towers' 1 x 1)")
+    parser.add_argument("--image-size", type=int, default=None, help="input side for every net (default: each net's own)")
+    parser.add_argument("--width", type=float, default=None, help="width multiplier for every net (default: 1)")
+    parser.add_argument("--overhead", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time bench against a plain PyTorch loop on the simplified net (default: on)")
+
+
+def config_from_args(args: argparse.Namespace):
+    from ..bench import parse_batch_sizes
+    from ..compare import CompareConfig
+
+    overrides = {}
+    if args.variants:
+        overrides["variants"] = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.batch_sizes:
+        overrides["batch_sizes"] = parse_batch_sizes(args.batch_sizes)
+    for key in ("memory_batch_size", "repeats", "warmup", "steps", "image_size", "width"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    overrides["threads"] = args.threads or None
+    overrides["overhead"] = args.overhead
+    return CompareConfig.quick(**overrides) if args.quick else CompareConfig(**overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..compare import run_compare, units_of_work, plan_variants
+    from ..memory import out_of_memory_error  # noqa: F401  (OOM is turned into a message inside)
+    from ..report.bench import progress_bar
+    from ..report.compare import render_compare, write_compare
+    from ..torchrun import TorchrunEnv
+
+    config = config_from_args(args)
+    env = TorchrunEnv.from_environ()
+    names, _ = plan_variants(config)
+    total = sum(units_of_work(config, names).values()) + (config.repeats if config.overhead else 0)
+    command = shlex.join(["alexnet2gpu", *sys.argv[1:]]) if sys.argv[1:2] == ["compare"] else "alexnet2gpu compare"
+    with progress_bar(total, "compare", enabled=env.is_rank0) as bar:
+        def on_progress(units: int, description: str) -> None:
+            bar.advance(units, description=description)
+
+        report = run_compare(config, command=command, on_progress=on_progress)
+    if report is None:  # a torchrun worker other than rank 0
+        return 0
+    render_compare(report)
+    paths = write_compare(report, args.out)
+    print(f"wrote {', '.join(str(p) for p in paths)} (torch {torch.__version__})")
+    return 0

@@ -1,0 +1,219 @@
+"""Rendering for `compare`: rich tables in the terminal, ``compare.json``, ``compare.md``
+and the PNG plots, written so that an interrupted run leaves the previous report intact:
+every file is first written to a temporary name in the output folder, and only when all of
+them exist are they moved into place with ``os.replace``."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from rich.table import Table
+
+from ..compare import BASELINES, CompareReport, speedups
+from . import console, fmt_int
+
+__all__ = ["FILES", "compare_markdown", "render_compare", "write_compare"]
+
+FILES = ("compare.json", "compare.md", "memory.png", "throughput.png")
+
+
+def _mib(n: int | None) -> str:
+    return "" if n is None else f"{n / 2**20:,.1f}"
+
+
+def _batch_sizes(report: CompareReport) -> list[int]:
+    return sorted({r.batch_size for v in report.variants for r in v.results})
+
+
+def _rate(v, mode: str, batch: int) -> str:
+    r = next((r for r in v.results if r.mode == mode and r.batch_size == batch), None)
+    return "" if r is None else f"{r.images_per_s:,.1f} ± {r.spread:,.1f}"
+
+
+def _where(report: CompareReport) -> str:
+    m = report.machine
+    gpus = ", ".join(m.get("gpus") or []) or "no GPU"
+    threads = report.config.get("threads")
+    return (f"{m.get('cpu_cores')}-core CPU ({m.get('cpu')}), {gpus}; torch {report.torch}; "
+            f"{f'{threads} CPU thread(s) per process; ' if threads else ''}"
+            f"load average before {m.get('load_average_before')}, after {m.get('load_average')}")
+
+
+def _memory_rows(report: CompareReport):
+    for v in report.variants:
+        if v.memory is None:
+            continue
+        for d in v.memory.devices:
+            yield v, d
+
+
+def _speedup_rows(report: CompareReport):
+    table = {}
+    for row in speedups(report.variants):
+        table.setdefault((row["name"], row["mode"], row["batch_size"]), {})[row["vs"]] = row["speedup"]
+    order = [v.name for v in report.variants]
+    modes = ("train", "infer")
+    for (name, mode, batch), vs in sorted(table.items(),
+                                          key=lambda kv: (modes.index(kv[0][1]), order.index(kv[0][0]), kv[0][2])):
+        yield name, mode, batch, [f"{vs[b]:.2f}x" if b in vs else "" for b in BASELINES]
+
+
+def render_compare(report: CompareReport) -> None:
+    out = console()
+    out.print(f"[bold]alexnet2gpu compare[/]: {_where(report)}")
+
+    mem = Table(title=f"parameters and memory per device, MiB, one training step at batch "
+                      f"{report.config['memory_batch_size']}", title_justify="left")
+    for col in ("variant", "device", "params", "param MiB", "grads", "optimizer", "activations", "peak", "source"):
+        mem.add_column(col, justify="left" if col in ("variant", "device", "source") else "right",
+                       no_wrap=col == "variant")
+    for v, d in _memory_rows(report):
+        source = d.source + (f"; RSS {_mib(d.rss_peak_bytes)} measured" if d.rss_peak_bytes else "")
+        mem.add_row(v.name, d.device, fmt_int(d.params), _mib(d.params_bytes), _mib(d.grads_bytes),
+                    _mib(d.optimizer_bytes), _mib(d.activations_bytes), _mib(d.peak_bytes), source)
+    out.print(mem)
+
+    sizes = _batch_sizes(report)
+    thr = Table(title="images/s, measured: median ± half the range of the repeats", title_justify="left")
+    thr.add_column("variant", no_wrap=True)
+    thr.add_column("device")
+    thr.add_column("mode")
+    for b in sizes:
+        thr.add_column(f"batch {b}", justify="right")
+    for mode in ("train", "infer"):
+        for v in report.variants:
+            if v.results:
+                thr.add_row(v.name, v.devices, mode, *[_rate(v, mode, b) for b in sizes])
+        thr.add_section()
+    out.print(thr)
+
+    comm = Table(title="bytes exchanged between devices per training step (forward + backward)", title_justify="left")
+    for col in ("variant", "batch", "bytes", "per image"):
+        comm.add_column(col, justify="left" if col == "variant" else "right")
+    for v in report.variants:
+        if v.memory is not None:
+            b = v.memory.batch_size
+            comm.add_row(v.name, str(b), fmt_int(v.comm_bytes_per_step), fmt_int(v.comm_bytes_per_step // b))
+    out.print(comm)
+
+    spd = Table(title="speed-ups (images/s over images/s, same run)", title_justify="left")
+    for col in ("variant", "mode", "batch", *(f"vs {b}" for b in BASELINES)):
+        spd.add_column(col, justify="left" if col in ("variant", "mode") else "right")
+    for name, mode, batch, cells in _speedup_rows(report):
+        spd.add_row(name, mode, str(batch), *cells)
+    out.print(spd)
+
+    for line in _notes(report):
+        out.print(line)
+
+
+def _notes(report: CompareReport) -> list[str]:
+    lines = [f"{v.name}: {v.note}" for v in report.variants if v.note]
+    lines += [f"{name}: {why}" for name, why in report.skipped.items()]
+    o = report.overhead
+    if o is not None:
+        lines.append(
+            f"harness overhead (measured, {o.model}, batch {o.batch_size}, {o.device}): bench "
+            f"{o.harness_images_per_s:,.1f} images/s, plain PyTorch loop {o.plain_images_per_s:,.1f} images/s: "
+            f"{100 * o.overhead:+.1f} %"
+        )
+    lines.append(f"wall time {report.wall_s:,.0f} s")
+    return lines
+
+
+def _md_table(header: list[str], rows: list[list[str]], right_from: int = 1) -> str:
+    align = ["---" if i < right_from else "---:" for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def compare_markdown(report: CompareReport) -> str:
+    c = report.config
+    sizes = _batch_sizes(report)
+    parts = [
+        "# alexnet2gpu compare",
+        "",
+        f"- command: `{report.command}`" if report.command else "- command: (library call)",
+        f"- machine: {_where(report)}",
+        f"- settings: batch sizes {c['batch_sizes']}, memory at batch {c['memory_batch_size']}, "
+        f"{c['warmup']} warm-up step(s), {c['repeats']} timed repeats of {c['steps']} step(s), "
+        f"image size {c['image_size'] or 'each net’s own (227; simplified 224)'}, width {c['width']:g}",
+        f"- wall time: {report.wall_s:,.0f} s",
+        "- throughput figures are **measured** (median of the repeats ± half their range); memory figures say "
+        "in their `source` column whether they are **measured** (CUDA allocator) or **estimated** "
+        "(accounted from the tensors of a real step, per intended device).",
+        "",
+        "## Parameters and memory per device (MiB, one training step)",
+        "",
+        _md_table(["variant", "device", "params", "param MiB", "grads", "optimizer", "activations", "peak", "source"],
+                  [[v.name, d.device, fmt_int(d.params), _mib(d.params_bytes), _mib(d.grads_bytes),
+                    _mib(d.optimizer_bytes), _mib(d.activations_bytes), _mib(d.peak_bytes),
+                    d.source + (f"; process peak RSS {_mib(d.rss_peak_bytes)} MiB measured" if d.rss_peak_bytes else "")]
+                   for v, d in _memory_rows(report)], right_from=2),
+        "",
+        "## Throughput (images/s, measured)",
+        "",
+        _md_table(["variant", "device", "mode", *(f"batch {b}" for b in sizes)],
+                  [[v.name, v.devices, mode, *[_rate(v, mode, b) for b in sizes]]
+                   for mode in ("train", "infer") for v in report.variants if v.results], right_from=3),
+        "",
+        "## Bytes exchanged between devices per training step (forward + backward)",
+        "",
+        _md_table(["variant", "batch", "bytes", "per image"],
+                  [[v.name, str(v.memory.batch_size), fmt_int(v.comm_bytes_per_step),
+                    fmt_int(v.comm_bytes_per_step // v.memory.batch_size)]
+                   for v in report.variants if v.memory is not None]),
+        "",
+        "## Speed-ups (same run)",
+        "",
+        _md_table(["variant", "mode", "batch", *(f"vs {b}" for b in BASELINES)],
+                  [[name, mode, str(batch), *cells] for name, mode, batch, cells in _speedup_rows(report)],
+                  right_from=2),
+        "",
+        "## Notes",
+        "",
+        *[f"- {line}" for line in _notes(report)],
+        "",
+        "## Plots",
+        "",
+        "![memory per device](memory.png)",
+        "",
+        "![throughput against batch size](throughput.png)",
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def write_compare(report: CompareReport, out_dir: str | os.PathLike) -> list[Path]:
+    """Writes ``FILES`` into ``out_dir``: all to temporary names first, then each moved into
+    place. An interruption before the moves leaves every previous file as it was."""
+    from .plots import plot_memory, plot_throughput
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    writers = {
+        "compare.json": lambda f: Path(f).write_text(json.dumps(report.to_json(), indent=2) + "\n"),
+        "compare.md": lambda f: Path(f).write_text(compare_markdown(report)),
+        "memory.png": lambda f: plot_memory(report, f),
+        "throughput.png": lambda f: plot_throughput(report, f),
+    }
+    temps: dict[str, str] = {}
+    try:
+        for name, write in writers.items():
+            fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
+            os.close(fd)
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the report private
+            temps[name] = tmp
+            write(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        for name, tmp in temps.items():
+            os.replace(tmp, out / name)
+    finally:
+        for tmp in temps.values():
+            Path(tmp).unlink(missing_ok=True)
+    return [out / name for name in writers]
