@@ -25,7 +25,8 @@ generator (when CUDA is available), Python's ``random`` and each
 :class:`~alexnet2gpu.models.TowerDropout` generator with its seed, keyed by module name
 (``tower_a.dropout``...), which is the same in every placement. NumPy's generator is not
 captured: nothing here draws from it. Under the ``ranks`` placement each process holds
-only its own tower's generator, so the caller gathers them before rank 0 saves.
+only its own tower's generator: gather the ``"dropout"`` entries of both tower ranks into
+one dict before rank 0 saves; :func:`restore_rng_state` restores the towers a process holds.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 import random
 import re
 import tempfile
@@ -152,8 +154,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     Raises :class:`CheckpointError` for a file that is truncated, corrupt, unverified or
     that would run code; never loads it any other way."""
     path = verify_checkpoint(path)
-    import pickle
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # protocol notes from the unpickler

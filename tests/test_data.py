@@ -56,7 +56,8 @@ def test_reads_plain_and_gzipped_idx(tmp_path):
         assert got.dtype == torch.uint8 and torch.equal(got, torch.from_numpy(array))
 
 
-@pytest.mark.skipif(not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file(), reason="dataset-fashion-mnist not installed")
+@pytest.mark.skipif(not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file(),
+                    reason="the Debian package dataset-fashion-mnist is not installed")
 def test_debian_package_files():
     train, test = FashionMNIST("train"), FashionMNIST("test")
     assert train.images.shape == (60000, 28, 28) and test.images.shape == (10000, 28, 28)
@@ -68,7 +69,8 @@ def _bad_files(folder: Path) -> dict[str, tuple[str, str]]:
     return {
         "wrong magic": ("train-images-idx3-ubyte.gz", r"magic number 0x00000801, not 0x00000803"),
         "truncated": ("train-images-idx3-ubyte.gz", r"is truncated: its header gives shape \[40, 28, 28\]"),
-        "counts disagree": ("train-labels-idx1-ubyte.gz", r"holds 40 images but .*train-labels-idx1-ubyte.gz holds 39 labels"),
+        "counts disagree": ("train-labels-idx1-ubyte.gz",
+                            r"holds 40 images but .*train-labels-idx1-ubyte.gz holds 39 labels"),
         "label out of range": ("train-labels-idx1-ubyte.gz", r"label 10 at index 5 is outside 0-9"),
         "empty": ("train-images-idx3-ubyte.gz", r"train-images-idx3-ubyte.gz is empty"),
         "gz that is not gzip": ("train-images-idx3-ubyte.gz", r"is named .gz but is not a gzip file"),

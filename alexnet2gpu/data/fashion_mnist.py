@@ -128,7 +128,9 @@ def read_idx(path: str | os.PathLike, ndim: int) -> torch.Tensor:
             f"{path} holds more data than its header's shape {list(shape)} ({size} bytes): "
             f"not an IDX file of that shape"
         )
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).reshape(shape) if size else torch.zeros(shape, dtype=torch.uint8)
+    if size == 0:
+        return torch.zeros(shape, dtype=torch.uint8)  # torch.frombuffer refuses an empty buffer
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).reshape(shape)
 
 
 def load_fashion_mnist_split(images_path: str | os.PathLike, labels_path: str | os.PathLike
@@ -213,7 +215,8 @@ def find_fashion_mnist(data_dir: str | os.PathLike | None = None) -> tuple[Path,
     folder.mkdir(parents=True, exist_ok=True)
     _download(folder)
     found = _find_in(folder)
-    assert found is not None  # _download raised otherwise
+    if found is None:
+        raise DataError(f"the Fashion-MNIST download into {folder} is incomplete: remove the folder and retry")
     return folder, found
 
 
