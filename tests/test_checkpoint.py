@@ -213,3 +213,60 @@ def test_lazy_generator_stays_lazy_and_matches(tmp_path):
     restore_rng_state(resumed, state)
     assert all(m.generator is None for m in resumed.modules() if hasattr(m, "generator"))
     torch.testing.assert_close(resumed(x), expected, rtol=0, atol=0)
+
+
+def test_data_position_and_rng_resume_a_training_run_bit_for_bit(tmp_path):
+    """The pieces a training loop saves (model, optimizer, RNG, data position) give the
+    same losses and weights after a resume as a run that never stopped."""
+    import gzip
+
+    from alexnet2gpu.data import build_loaders
+
+    folder = tmp_path / "fm"  # a tiny Fashion-MNIST: 40 train and 8 test images
+    folder.mkdir()
+    rng = torch.Generator().manual_seed(0)
+    for split, n in (("train", 40), ("t10k", 8)):
+        images = torch.randint(0, 256, (n, 28, 28), generator=rng, dtype=torch.uint8)
+        labels = torch.randint(0, 10, (n,), generator=rng, dtype=torch.uint8)
+        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+            header = bytes([0, 0, 8, array.dim()]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+            (folder / f"{split}-{kind}-ubyte.gz").write_bytes(gzip.compress(header + array.numpy().tobytes()))
+
+    def run(steps, resume_from=None, stop_at=None):
+        torch.manual_seed(0)
+        model = build_model("dual", width=1 / 16, image_size=64, num_classes=10).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        loader = build_loaders("fashion-mnist", image_size=64, in_channels=3, global_batch=8, seed=7,
+                               data_dir=folder).train
+        step, losses = 0, []
+        if resume_from is not None:
+            state = load_checkpoint(resume_from)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            restore_rng_state(model, state["rng"])
+            loader.load_state_dict(state["data"])
+            step = state["step"]
+        while step < steps:
+            loader.set_epoch(loader.state_dict()["epoch"])
+            for images, labels in loader:
+                loss = torch.nn.functional.cross_entropy(model(images), labels)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                step += 1
+                if step == stop_at:
+                    save_in_directory(tmp_path / "ckpt", step, {
+                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "rng": capture_rng_state(model), "data": loader.state_dict(), "step": step})
+                    return losses, model
+                if step == steps:
+                    break
+        return losses, model
+
+    unbroken_losses, unbroken = run(8)  # 5 batches an epoch: the run crosses an epoch
+    first_losses, _ = run(8, stop_at=3)
+    resumed_losses, resumed = run(8, resume_from=newest_checkpoint(tmp_path / "ckpt"))
+    assert first_losses + resumed_losses == unbroken_losses
+    for (name, a), (_, b) in zip(unbroken.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
