@@ -109,12 +109,17 @@ def _sha256_of(path: Path) -> str:
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Saves ``state`` (tensors, numbers, strings, lists, dicts: what ``weights_only``
-    loading accepts) to ``path`` atomically, then its sha256 to ``<path>.sha256``."""
+    loading accepts) to ``path`` atomically, then its sha256 to ``<path>.sha256``.
+    A failed write (a full disk, a read-only folder) raises :class:`CheckpointError` and
+    leaves no partial file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, lambda f: torch.save(state, f))
-    line = f"{_sha256_of(path)}  {path.name}\n"
-    _write_atomic(_sidecar(path), lambda f: f.write(line.encode()))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, lambda f: torch.save(state, f))
+        line = f"{_sha256_of(path)}  {path.name}\n"
+        _write_atomic(_sidecar(path), lambda f: f.write(line.encode()))
+    except OSError as error:  # a full disk, a read-only folder: the previous checkpoints are untouched
+        raise CheckpointError(f"cannot write checkpoint {path}: {error.strerror or error}") from None
     _fsync_directory(path.parent)
     return path
 

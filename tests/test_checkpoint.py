@@ -270,3 +270,17 @@ def test_data_position_and_rng_resume_a_training_run_bit_for_bit(tmp_path):
     assert first_losses + resumed_losses == unbroken_losses
     for (name, a), (_, b) in zip(unbroken.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    save_in_directory(tmp_path, 1, _state(1))
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match="cannot write checkpoint .*step-00000002.pt: No space left on device"):
+        save_in_directory(tmp_path, 2, _state(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001.pt", "step-00000001.pt.sha256"]
+    assert newest_checkpoint(tmp_path) == checkpoint_path(tmp_path, 1)

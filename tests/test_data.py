@@ -225,10 +225,10 @@ def test_replicas_split_the_global_batch_and_towers_agree(tmp_path):
         build_loaders("fashion-mnist", dp_rank=0, dp_size=2, **{**kw, "global_batch": 9})
 
 
-@pytest.mark.parametrize("stop_after", [3, 5, 7])  # mid-epoch, at an epoch's end, in epoch 1
-def test_resumed_loader_sees_the_same_batches(tmp_path, stop_after):
+@pytest.mark.parametrize("stop_after,workers", [(3, 0), (5, 0), (7, 0), (3, 1)])  # mid-epoch, at an
+def test_resumed_loader_sees_the_same_batches(tmp_path, stop_after, workers):  # epoch's end, in epoch 1
     folder = write_fashion(tmp_path / "fm", n_train=37)  # 5 batches of 8, the last one short
-    kw = dict(image_size=30, in_channels=3, global_batch=8, seed=1, data_dir=folder)
+    kw = dict(image_size=30, in_channels=3, global_batch=8, seed=1, data_dir=folder, num_workers=workers)
     unbroken = _positions(build_loaders("fashion-mnist", **kw).train, [0, 1, 2])
     first = build_loaders("fashion-mnist", **kw).train
     before = _positions(first, [0, 1, 2], stop_after=stop_after)

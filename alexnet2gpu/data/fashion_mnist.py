@@ -202,7 +202,7 @@ def find_fashion_mnist(data_dir: str | os.PathLike | None = None) -> tuple[Path,
     if data_dir is not None:
         folder = Path(data_dir)
         if not folder.is_dir():
-            raise ConfigError(f"--data-dir {folder} does not exist")
+            raise ConfigError(f"--data-dir {folder} {'is not a folder' if folder.exists() else 'does not exist'}")
         found = _find_in(folder)
         if found is None:
             wanted = ", ".join(n + "[.gz]" for names in FILES.values() for n in names)
