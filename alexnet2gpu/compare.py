@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -193,12 +194,22 @@ def _ranks_job(config: CompareConfig, command: list[str], out: str) -> dict:
     env = dict(os.environ)
     if config.threads is not None:
         env["OMP_NUM_THREADS"] = str(config.threads)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    # A session of its own, so that a timeout or Ctrl-C ends torchrun *and* its workers.
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=config.ranks_timeout_s)
+        stdout, stderr = proc.communicate(timeout=config.ranks_timeout_s)
     except subprocess.TimeoutExpired:
+        _kill_group(proc)
         raise Alexnet2gpuError(
             f"the dual/ranks torchrun job did not finish in {config.ranks_timeout_s:.0f} s: {shlex.join(argv)}"
         ) from None
+    except BaseException:
+        _kill_group(proc)
+        raise
+    done = subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
     if done.returncode != 0:
         lines = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()]
         errors = [line for line in lines if "error" in line.lower()]
@@ -207,6 +218,14 @@ def _ranks_job(config: CompareConfig, command: list[str], out: str) -> dict:
                                f"command: {shlex.join(argv)}")
     with open(out) as f:
         return json.load(f)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.communicate()
 
 
 def _memory_from_json(data: dict) -> MemoryReport:

@@ -66,6 +66,7 @@ class DeviceMemory:
 
     device: str
     source: str  # "measured" (CUDA allocator) or "estimated" (accounted from tensors)
+    params: int  # number of parameters held here
     params_bytes: int
     grads_bytes: int
     optimizer_bytes: int
@@ -150,6 +151,14 @@ def _by_slot(tensors_with_owner, slots: int) -> list[int]:
     for slot, t in tensors_with_owner:
         sums[slot] += _nbytes(t)
     return sums
+
+
+def _param_counts(placed: nn.Module, slots: int) -> list[int]:
+    owners = _owner_slots(placed)
+    counts = [0] * slots
+    for p in placed.parameters():
+        counts[owners.get(id(p), 0)] += p.numel()
+    return counts
 
 
 def _state_bytes(placed: nn.Module, optimizer: torch.optim.Optimizer, slots: int) -> tuple[list[int], list[int], list[int]]:
@@ -269,9 +278,10 @@ def estimate_memory(placed: nn.Module, model_name: str, batch_size: int, *, seed
     input_bytes = _input_slot_bytes(x, slots)
     ranks_cpu = placed.layout.placement == "ranks" and devices_of(placed)[0].type == "cpu"
     parts_of = [[n for n, _m, s in _parts(placed) if s == slot] for slot in range(slots)]
+    counts = _param_counts(placed, slots)
     records = [
         DeviceMemory(
-            device=labels[s], source="estimated", params_bytes=p_bytes[s], grads_bytes=g_bytes[s],
+            device=labels[s], source="estimated", params=counts[s], params_bytes=p_bytes[s], grads_bytes=g_bytes[s],
             optimizer_bytes=o_bytes[s], activations_bytes=accountant.bytes[s],
             peak_bytes=p_bytes[s] + g_bytes[s] + o_bytes[s] + accountant.bytes[s] + input_bytes[s],
             input_bytes=input_bytes[s], parts=parts_of[s],
@@ -338,9 +348,10 @@ def measure_memory(placed: nn.Module, model_name: str, batch_size: int, *, seed:
     p_bytes, g_bytes, o_bytes = _state_bytes(placed, optimizer, slots)
     input_bytes = [_nbytes(x) if d == x.device else 0 for d in slot_devices]
     parts_of = [[n for n, _m, s in _parts(placed) if s == slot] for slot in range(slots)]
+    counts = _param_counts(placed, slots)
     records = [
         DeviceMemory(
-            device=labels[s], source="measured", params_bytes=p_bytes[s], grads_bytes=g_bytes[s],
+            device=labels[s], source="measured", params=counts[s], params_bytes=p_bytes[s], grads_bytes=g_bytes[s],
             optimizer_bytes=o_bytes[s], activations_bytes=max(0, after_forward[s] - before[s]),
             peak_bytes=peaks[s], input_bytes=input_bytes[s], parts=parts_of[s],
         )
@@ -459,6 +470,10 @@ def largest_batch_that_fits(model_name: str, placement: str, capacity_bytes: int
     return max(0, math.floor((capacity_bytes - fixed) / per_image)), fixed, per_image
 
 
+def _size(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.2f} MiB"
+
+
 def _oom_device(error: BaseException, placed: nn.Module) -> tuple[str, int]:
     """The device named in a CUDA OOM message ("GPU 1 has a total capacity ..."), and its
     slot in the placement; else the first CUDA device in use."""
@@ -502,6 +517,6 @@ def out_of_memory_error(error: BaseException, model_name: str, placed: nn.Module
     advice = f"use a batch size of at most {fits}" if fits >= 1 else "the model alone does not fit: use a smaller --width or more devices"
     return Alexnet2gpuError(
         f"out of memory on {device} at batch size {batch_size} ({what}): the memory estimate says "
-        f"batch {fits} is the largest that fits in its {capacity / GiB:.1f} GiB "
-        f"({fixed / GiB:.2f} GiB fixed + {per_image / 2**20:.1f} MiB per image); {advice}"
+        f"batch {fits} is the largest that fits in its {_size(capacity)} "
+        f"({_size(fixed)} fixed + {_size(per_image)} per image); {advice}"
     )

@@ -1,0 +1,163 @@
+"""memory: parameters, gradients and momentum by owning device, activations through
+saved-tensor hooks, the bytes exchanged per step (468,992 per image for the real split
+and ranks nets), the JSON keys of issue 4, CUDA-only paths skipped without CUDA."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from alexnet2gpu import ConfigError, build_model, place
+from alexnet2gpu import memory as memory_mod
+from alexnet2gpu.cli import main
+from alexnet2gpu.memory import estimate_memory, run_memory
+
+from .conftest import TINY
+from .dist_launch import run_torchrun
+
+BYTES_PER_IMAGE = 468_992  # DESIGN.md section 3: (113,152 each way + 8,192) forward, the same backward
+DEVICE0, DEVICE1 = 32_531_112, 28_434_112  # DESIGN.md section 2: parameters on each device
+
+
+@pytest.mark.full_size
+def test_split_exchanges_468992_bytes_per_image_and_owns_the_design_parameters():
+    report = run_memory("dual", "split", "cpu,cpu", batch_size=2)
+    assert report.comm_bytes_per_step == 2 * BYTES_PER_IMAGE
+    d0, d1 = report.devices
+    assert (d0.device, d1.device) == ("cpu #0", "cpu #1")
+    assert (d0.params, d1.params) == (DEVICE0, DEVICE1)
+    assert d0.parts == ["tower_a", "fc8"] and d1.parts == ["tower_b"]
+    for d in report.devices:  # float32 gradients and one momentum buffer per parameter
+        assert d.params_bytes == d.grads_bytes == d.optimizer_bytes == 4 * d.params
+        assert d.source == "estimated"
+        assert d.peak_bytes == (d.params_bytes + d.grads_bytes + d.optimizer_bytes + d.activations_bytes
+                                + d.input_bytes)
+
+
+@pytest.mark.full_size
+def test_split_larger_device_peak_against_one_device():
+    """Issue 4's target (<= 0.56), from the estimator at the real size, batch 32."""
+    one = run_memory("dual", "towers", "cpu", batch_size=32).largest_peak_bytes
+    split = run_memory("dual", "split", "cpu,cpu", batch_size=32).largest_peak_bytes
+    assert split / one <= 0.56
+
+
+@pytest.mark.parametrize("placement,devices", [("towers", "cpu"), ("grouped", "cpu")])
+def test_one_device_placements_exchange_nothing(placement, devices):
+    report = run_memory("dual", placement, devices, batch_size=2, **TINY)
+    assert report.comm_bytes_per_step == 0 and len(report.devices) == 1
+    assert report.devices[0].params == sum(p.numel() for p in build_model("dual", **TINY).parameters())
+
+
+def test_activations_grow_linearly_with_the_batch():
+    a2, a4, a6 = (run_memory("dual", "towers", "cpu", batch_size=b, **TINY).devices[0].activations_bytes
+                  for b in (2, 4, 6))
+    assert a2 > 0 and a6 - a4 == a4 - a2  # exactly affine: the OOM advice extrapolates this line
+    assert abs(2 * a2 - a4) <= 16  # and all but a few scalars grow with the batch
+
+
+def test_activations_are_charged_to_the_tower_that_saved_them():
+    """Split on cpu,cpu: tower b's activations go to device 1, including its copy of the
+    image (on two GPUs it is a real copy), while the loss's go to device 0 with fc8."""
+    placed = place(build_model("dual", **TINY), "split", "cpu,cpu")
+    report = estimate_memory(placed, "dual", 4)
+    d0, d1 = report.devices
+    image = 4 * 3 * 64 * 64 * 4
+    assert d0.input_bytes == image and d1.input_bytes == 0
+    assert d1.activations_bytes > image  # the image copy plus tower b's own
+    towers = estimate_memory(place(build_model("dual", **TINY), "towers", "cpu"), "dual", 4).devices[0]
+    # each device keeps its own joined input to conv3/fc6/fc7, so two devices hold more in all
+    assert d0.activations_bytes + d1.activations_bytes > towers.activations_bytes
+    assert max(d0.activations_bytes, d1.activations_bytes) < towers.activations_bytes
+
+
+def test_parameters_are_not_counted_as_activations():
+    report = run_memory("simplified", "towers", "cpu", batch_size=1, width=1 / 16, image_size=65)
+    d = report.devices[0]
+    assert d.activations_bytes < d.params_bytes  # the fc weights alone are larger
+
+
+def test_memory_json_has_issue_4_keys(tmp_path):
+    out = tmp_path / "memory.json"
+    assert main(["memory", "--placement", "split", "--devices", "cpu,cpu", "--width", "0.0625",
+                 "--image-size", "64", "--batch-size", "2", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert {"model", "placement", "batch_size", "devices", "comm_bytes_per_step"} <= data.keys()
+    keys = {"device", "source", "params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "peak_bytes"}
+    assert len(data["devices"]) == 2 and all(keys <= d.keys() for d in data["devices"])
+    assert data["comm_bytes_per_step"] > 0
+
+
+def test_measured_memory_needs_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="CUDA"):
+        run_memory("dual", "towers", "cpu", batch_size=2, source="measured", **TINY)
+
+
+def test_snapshot_without_cuda_is_a_usage_error(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code = main(["memory", "--placement", "towers", "--devices", "cpu", "--width", "0.0625", "--image-size", "64",
+                 "--snapshot", str(tmp_path / "s.pickle")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--snapshot" in err and "Traceback" not in err
+    assert not (tmp_path / "s.pickle").exists()
+
+
+def test_out_of_memory_in_memory_command(monkeypatch, capsys):
+    real, calls = memory_mod.estimate_memory, []
+
+    def oom_once(*args, **kwargs):  # the step runs out of memory; the estimate for the advice does not
+        if not calls:
+            calls.append(1)
+            raise torch.OutOfMemoryError("CUDA out of memory. GPU 1 has a total capacity of 6.00 MiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(memory_mod, "estimate_memory", oom_once)
+    code = main(["memory", "--placement", "towers", "--devices", "cpu", "--width", "0.0625", "--image-size", "64",
+                 "--batch-size", "512"])
+    err = capsys.readouterr().err
+    assert code == 1 and "out of memory on cuda:1 at batch size 512" in err and "Traceback" not in err
+    assert "is the largest that fits in its 6.00 MiB" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.distributed
+@pytest.mark.full_size
+def test_ranks_exchanges_468992_bytes_per_image(tmp_path):
+    """Two processes on gloo, the real net: the same bytes as split, each rank owning its
+    tower's parameters, with its peak RSS measured."""
+    out = tmp_path / "ranks.json"
+    result = run_torchrun(2, ["-m", "alexnet2gpu", "memory", "--placement", "ranks", "--batch-size", "2",
+                              "--threads", "1", "--json", str(out)], timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["placement"] == "ranks" and data["comm_bytes_per_step"] == 2 * BYTES_PER_IMAGE
+    assert [d["params"] for d in data["devices"]] == [DEVICE0, DEVICE1]
+    assert all(d["rss_peak_bytes"] > d["params_bytes"] for d in data["devices"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_measured_memory_on_cuda_and_the_estimate_beside_it():
+    measured = run_memory("dual", "towers", "cuda:0", batch_size=8, **TINY)
+    d = measured.devices[0]
+    assert d.source == "measured" and d.activations_bytes > 0
+    assert d.peak_bytes >= d.params_bytes + d.optimizer_bytes
+    estimated = run_memory("dual", "towers", "cpu", batch_size=8, **TINY).devices[0]
+    assert (estimated.params_bytes, estimated.optimizer_bytes) == (d.params_bytes, d.optimizer_bytes)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_snapshot_is_written(tmp_path):
+    path = tmp_path / "step.pickle"
+    run_memory("dual", "towers", "cuda:0", batch_size=2, snapshot=str(path), **TINY)
+    assert path.stat().st_size > 0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_split_measured_on_two_cuda_devices():
+    report = run_memory("dual", "split", "cuda:0,cuda:1", batch_size=4, **TINY)
+    assert [d.device for d in report.devices] == ["cuda:0", "cuda:1"]
+    assert all(d.source == "measured" and d.peak_bytes > 0 for d in report.devices)
