@@ -169,7 +169,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"containers are loaded; there is no unsafe fallback)"
         ) from None
     except Exception as error:  # zip reader errors, EOFError on a truncated pickle
-        first_line = str(error).strip().split("\n")[0][:200] or type(error).__name__
+        first_line = str(error).strip().split("\n")[0].split(". ")[0][:200] or type(error).__name__
         raise CheckpointError(f"checkpoint {path} is not a readable torch checkpoint: {first_line}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict of state")

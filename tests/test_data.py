@@ -313,8 +313,8 @@ def _png_header_only(width: int, height: int) -> bytes:
 @pytest.mark.parametrize("case,pattern", [
     ("not an image", r"is not an image that PIL can read"),
     ("truncated", r"is truncated or damaged: "),
-    ("bomb", r"is refused as a decompression bomb"),
-    ("over the warning limit", r"is refused as a decompression bomb"),
+    ("bomb", r"is refused as a possible decompression bomb: [\d,]+ pixels, over PIL's limit"),
+    ("over the warning limit", r"is refused as a possible decompression bomb: [\d,]+ pixels, over PIL's limit"),
 ])
 def test_bad_images_name_the_file(tmp_path, case, pattern):
     root = write_folder(tmp_path / "imgs")
@@ -351,7 +351,7 @@ def test_bad_folders(tmp_path):
         build_loaders(root, **kw)
     for d in (root / "val").iterdir():
         d.rmdir()
-    with pytest.raises(DataError, match=r"val: Couldn't find any class folder"):
+    with pytest.raises(DataError, match=r"Couldn't find any class folder in .*val"):
         build_loaders(root, **kw)
     (root / "val").rmdir()
     with pytest.raises(ConfigError, match=r"image folder .*val does not exist"):

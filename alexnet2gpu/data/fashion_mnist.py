@@ -120,12 +120,12 @@ def read_idx(path: str | os.PathLike, ndim: int) -> torch.Tensor:
         raise DataError(f"cannot read {path}: {error.strerror or error}") from None
     if len(data) < size:
         raise DataError(
-            f"{path} is truncated: its header gives shape {list(shape)} ({size} bytes of data), "
-            f"it holds {len(data)}"
+            f"{path} is truncated: its header gives shape {list(shape)} ({size:,} bytes of data), "
+            f"it holds {len(data):,}"
         )
     if len(data) > size:
         raise DataError(
-            f"{path} holds more data than its header's shape {list(shape)} ({size} bytes): "
+            f"{path} holds more data than its header's shape {list(shape)} ({size:,} bytes): "
             f"not an IDX file of that shape"
         )
     if size == 0:

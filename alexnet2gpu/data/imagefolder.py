@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -108,9 +109,11 @@ def load_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
                 image.load()
                 return image.convert(mode)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            pixels = re.search(r"\((\d+) pixels\)", str(error))
+            size = f"{int(pixels.group(1)):,} pixels" if pixels else "too many pixels"
             raise DataError(
-                f"{path} is refused as a decompression bomb: {str(error).split('.')[0]} "
-                f"(PIL's limit is {Image.MAX_IMAGE_PIXELS} pixels)"
+                f"{path} is refused as a possible decompression bomb: {size}, over PIL's limit of "
+                f"{Image.MAX_IMAGE_PIXELS:,} (PIL.Image.MAX_IMAGE_PIXELS)"
             ) from None
         except UnidentifiedImageError:
             raise DataError(f"{path} is not an image that PIL can read") from None
@@ -167,7 +170,8 @@ def _image_folder(split: Path) -> datasets.ImageFolder:
     try:
         return datasets.ImageFolder(str(split), allow_empty=False)
     except FileNotFoundError as error:  # no class folders, or no image files in them
-        raise DataError(f"{split}: {error}") from None
+        message = str(error)
+        raise DataError(message if str(split) in message else f"{split}: {message}") from None
 
 
 class _TenCrops:
