@@ -360,3 +360,22 @@ def test_bad_folders(tmp_path):
     (other / "val" / "dog").rename(other / "val" / "wolf")
     with pytest.raises(DataError, match=r"train/ and val/ hold different classes .*only in val: \['wolf'\]"):
         build_loaders(other, **kw)
+
+
+def test_download_goes_through_a_scratch_folder(tmp_path, monkeypatch):
+    """The download path with the network replaced by local copies of the files."""
+    import torchvision.datasets
+    import torchvision.datasets.utils
+
+    source = write_fashion(tmp_path / "mirror")
+
+    def local_copy(url, root, filename, md5):
+        (Path(root) / filename).write_bytes((source / filename).read_bytes())
+
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", tmp_path / "absent")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", local_copy)
+    dataset = FashionMNIST("test")
+    assert len(dataset) == 12 and dataset.folder == tmp_path / "cache" / "alexnet2gpu" / "fashion-mnist"
+    expected = sorted(name for name, _ in torchvision.datasets.FashionMNIST.resources)
+    assert sorted(p.name for p in dataset.folder.iterdir()) == expected  # no scratch folder left

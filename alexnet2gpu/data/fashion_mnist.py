@@ -30,6 +30,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import tempfile
 import zlib
 from math import prod
 from pathlib import Path
@@ -176,6 +177,11 @@ def _find_in(folder: Path) -> dict[str, tuple[Path, Path]] | None:
 
 
 def _download(folder: Path) -> None:
+    """Downloads the four files that ``folder`` lacks, each into a private temporary folder
+    first and then moved into place, so that ranks downloading at once, or an interrupted
+    download, never leave a partial file under the final name."""
+    import shutil
+
     from torchvision.datasets import FashionMNIST as TorchvisionFashionMNIST
     from torchvision.datasets.utils import download_url
 
@@ -184,12 +190,15 @@ def _download(folder: Path) -> None:
             continue
         errors = []
         for mirror in TorchvisionFashionMNIST.mirrors:
+            scratch = Path(tempfile.mkdtemp(dir=folder, prefix=".download-"))
             try:
-                download_url(mirror + filename, root=str(folder), filename=filename, md5=md5)
+                download_url(mirror + filename, root=str(scratch), filename=filename, md5=md5)
+                os.replace(scratch / filename, folder / filename)
                 break
             except Exception as error:  # URLError, socket errors, md5 mismatch (RuntimeError)
                 errors.append(f"{mirror}: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
-                (folder / filename).unlink(missing_ok=True)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
         else:
             raise DataError(
                 f"Fashion-MNIST is not in {DEBIAN_DIR} and could not be downloaded ({'; '.join(errors)}): "
