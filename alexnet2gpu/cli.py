@@ -23,6 +23,7 @@ COMMANDS = {
     "bench": ("bench", "throughput in images/s, training and inference, over batch sizes"),
     "memory": ("memory", "memory per device for one training step, and bytes exchanged"),
     "compare": ("compare", "the main job: every net and placement side by side, tables, JSON, Markdown, plots"),
+    "train": ("train", "train on Fashion-MNIST, an image folder or synthetic data, in any placement, with checkpoints"),
 }
 
 

@@ -114,12 +114,34 @@ def init_distributed(device: torch.device | str | None = None,
         return env
     device = _local_device(device if device is None or isinstance(device, (list, tuple)) else [device], env)
     timeout = datetime.timedelta(seconds=timeout_s)
+    store = _attempt_store(env, timeout)
+    kwargs = {"store": store, "rank": env.rank, "world_size": env.world_size} if store is not None else {}
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=timeout, device_id=device)
+        dist.init_process_group("nccl", timeout=timeout, device_id=device, **kwargs)
     else:
-        dist.init_process_group("gloo", timeout=timeout)
+        dist.init_process_group("gloo", timeout=timeout, **kwargs)
     return env
+
+
+def _attempt_store(env: TorchrunEnv, timeout: datetime.timedelta):
+    """torchrun's store, under a prefix per restart attempt, or None for the default.
+
+    After torchrun ``--max-restarts`` restarts the workers, the store it shares with them
+    (torch >= 2.4 hosts it in the agent) still holds the previous attempt's connection keys,
+    and gloo then fails to connect: pytorch issue 135712. A fresh key prefix per attempt
+    (``TORCHELASTIC_RESTART_COUNT``) avoids that without ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if attempt is None or not addr or not port:
+        return None
+    # Where torchrun's agent hosts the store, every worker is a client; otherwise rank 0
+    # hosts it, as the env:// rendezvous would.
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(addr, int(port), env.world_size, is_master=(env.rank == 0 and not agent_hosts),
+                          timeout=timeout, wait_for_workers=False)
+    return dist.PrefixStore(f"alexnet2gpu/attempt{attempt}", store)
 
 
 def close_distributed(*, barrier: bool = False) -> None:

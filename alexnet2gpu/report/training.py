@@ -1,0 +1,80 @@
+"""What a person sees while training, on rank 0 only: a header, a live line (loss,
+accuracy, images/s, lr, ETA) and the end summary in the seed's format
+(``loss 0.327, train acc 0.881, test acc 0.885`` / ``4149.6 examples/sec on cuda:0``)."""
+
+from __future__ import annotations
+
+import math
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from . import console
+
+__all__ = ["TrainingDisplay", "render_header", "render_summary", "summary_lines"]
+
+
+def _num(value, fmt: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+
+def render_header(header: dict) -> None:
+    c = console()
+    resumed = f", resumed from {header['resumed_from']}" if header.get("resumed_from") else ""
+    c.print(f"[bold]train[/bold] {header['model']} on {header['placement']}: {header['device']}{resumed}")
+    c.print(f"  data: {header['data']}")
+    c.print(f"  recipe {header['recipe']}: global batch {header['batch_size']}, {header['steps']} steps, "
+            f"lr {header['lr']:g}, input {header['in_channels']}x{header['image_size']}x{header['image_size']}")
+
+
+class TrainingDisplay:
+    """A rich live progress line; the step records come from the training loop."""
+
+    def __init__(self, total_steps: int, header: dict) -> None:
+        render_header(header)
+        self.total = total_steps
+        self.progress = Progress(
+            TextColumn("step"), MofNCompleteColumn(), BarColumn(bar_width=24),
+            TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  test {task.fields[test]}  "
+                       "{task.fields[ips]} img/s  lr {task.fields[lr]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=console(), transient=False,
+        )
+        self.task = None
+
+    def start(self, step: int) -> None:
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=self.total, completed=step, loss="-", acc="-",
+                                           test="-", ips="-", lr="-")
+
+    def update(self, record) -> None:
+        self.progress.update(self.task, completed=record.step, loss=_num(record.loss, ".3f"),
+                             acc=_num(record.accuracy, ".3f"), ips=_num(record.images_per_s, ".1f"),
+                             lr=_num(record.lr, ".2g"))
+
+    def evaluated(self, step: int, test_accuracy: float) -> None:
+        self.progress.update(self.task, test=_num(test_accuracy, ".3f"))
+
+    def note(self, message: str) -> None:
+        self.progress.console.print(f"[yellow]{message}[/yellow]")
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
+def summary_lines(result) -> list[str]:
+    """The seed's two summary lines (d2l's ``train_ch6``), then what else happened."""
+    lines = [
+        f"loss {_num(result.loss, '.3f')}, train acc {_num(result.train_accuracy, '.3f')}, "
+        f"test acc {_num(result.test_accuracy, '.3f')}",
+        f"{result.images_per_s:.1f} examples/sec on {result.device}",
+    ]
+    if result.skipped_steps:
+        lines.append(f"{result.skipped_steps} step(s) skipped for non-finite values")
+    if result.checkpoint:
+        lines.append(f"checkpoint: {result.checkpoint}")
+    return lines
+
+
+def render_summary(result) -> None:
+    for line in summary_lines(result):
+        console().print(line)
