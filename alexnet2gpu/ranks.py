@@ -87,7 +87,7 @@ def _check_world(env: TorchrunEnv) -> None:
 def _local_device(devices, env: TorchrunEnv) -> torch.device:
     """``cuda:LOCAL_RANK`` where CUDA exists, else the CPU; ``devices`` overrides: one device
     for every process (e.g. ``cpu``), or one per local rank."""
-    devices = parse_devices(devices)
+    devices = parse_devices(devices or None)  # `auto` passes an empty list
     if devices is None:
         return torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if len(devices) == 1:

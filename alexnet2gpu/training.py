@@ -394,7 +394,8 @@ class _Job:
         return t.tolist()
 
 
-def _model_and_placement(config: TrainConfig, num_classes: int, in_channels: int, image_size: int):
+def _build_net(config: TrainConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """The net from the run seed, initialised by the recipe (paper: [paper] 5; d2l: Xavier)."""
     torch.manual_seed(config.seed)
     model = build_model(config.model, in_channels=in_channels, num_classes=num_classes, image_size=image_size,
                         width=config.width, dropout=config.dropout)
@@ -468,16 +469,16 @@ def _train(job: _Job, display_factory) -> TrainResult:
 
     default_c, _, default_s = DEFAULTS.get(config.model, (3, 1000, 227))
     in_channels = config.in_channels or default_c
-    image_size = config.image_size or (224 if config.recipe == "d2l" and config.model == "simplified" else default_s)
+    image_size = config.image_size or default_s
 
-    # The placement first (it fixes dp size and rank), with a throw-away net when the data
-    # set's class count is still unknown: cheaper to build the real one once we know it.
+    # Data first (it fixes the class count); replica d of k reads the d-th share of each
+    # global batch, both tower ranks of a replica the same share.
     dp_size = job.env.world_size // 2 if job.distributed else 1
     dp_rank = job.env.rank // 2 if job.distributed else 0
     device_hint = _first_device(config, job)
     train_loader, test_loader, num_classes, data_words, ten_crop = _build_data(
         config, image_size, in_channels, dp_size, dp_rank, device_hint)
-    model = _model_and_placement(config, num_classes, in_channels, image_size)
+    model = _build_net(config, num_classes, in_channels, image_size)
     placed = place(model, config.placement, config.devices)
     layout = placed.layout
     device = layout.devices[0]
