@@ -426,7 +426,7 @@ def _device_words(placed: nn.Module, world_size: int) -> str:
     if layout.placement == "ranks":
         backend = "nccl" if layout.devices[0].type == "cuda" else "gloo"
         return f"{world_size} processes ({layout.dp_size} x 2 towers) on {layout.devices[0].type} ({backend})"
-    return ",".join(str(d) for d in dict.fromkeys(layout.devices))
+    return ",".join(str(d) for d in layout.devices)  # split on the CPU: "cpu,cpu"
 
 
 def _nonfinite_message(step: int, bad_loss: float, bad_a: float, bad_b: float) -> str:
