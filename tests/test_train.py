@@ -194,3 +194,32 @@ def test_torchrun_restart_resumes_to_the_weights_of_an_unbroken_run(tmp_path):
     _assert_weights_close(load_checkpoint(tmp_path / "k" / "step-00000005.pt")["model"],
                           load_checkpoint(tmp_path / "u" / "step-00000005.pt")["model"])
     assert not result.orphans
+
+
+def _image_folder(root) -> str:
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for label in ("cat", "dog"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(4):
+                pixels = torch.randint(0, 255, (80, 90, 3), generator=generator, dtype=torch.uint8)
+                Image.fromarray(pixels.numpy()).save(root / split / label / f"{i}.png")
+    return str(root)
+
+
+def test_an_image_folder_trains_with_ten_crop_evaluation(tmp_path):
+    result = train(TrainConfig(**dict(TINY, data=_image_folder(tmp_path / "images"), num_classes=None), epochs=2,
+                               ten_crop=True, workers=0, metrics=str(tmp_path / "m.jsonl")))
+    assert result.steps == 4 and result.epochs_done == 2.0
+    evals = [json.loads(line) for line in open(tmp_path / "m.jsonl") if '"eval"' in line]
+    assert [e["test_images"] for e in evals] == [8, 8]
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="the Debian package dataset-fashion-mnist is not installed")
+def test_fashion_mnist_trains_on_a_subset():
+    result = train(TrainConfig(**dict(TINY, data="fashion-mnist", num_classes=None, batch_size=32),
+                               train_subset=64, epochs=1, workers=0))
+    assert result.steps == 2 and result.test_accuracy is not None and 0.0 <= result.test_accuracy <= 1.0
