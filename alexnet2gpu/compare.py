@@ -59,7 +59,7 @@ class CompareConfig:
     width: float = 1.0  # width multiplier for every net
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     overhead: bool = True  # also time bench against a plain PyTorch loop (simplified)
-    ranks_timeout_s: float = 900.0  # the torchrun job for dual/ranks
+    ranks_timeout_s: float = 420.0  # each torchrun job for dual/ranks (bench, then memory)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -187,8 +187,14 @@ def _param_count(report: MemoryReport | None) -> int:
     return sum(d.params for d in report.devices) if report else 0
 
 
-def _ranks_job(config: CompareConfig, command: list[str], out: str) -> dict:
-    """Runs ``alexnet2gpu COMMAND ...`` as a 2-process torchrun job and returns its JSON."""
+def _ranks_job(config: CompareConfig, command: list[str], out: str, notes: list[str]) -> dict:
+    """Runs ``alexnet2gpu COMMAND ...`` as a 2-process torchrun job and returns its JSON.
+
+    Rank 0 writes the JSON atomically once its measurement is complete, so a JSON that
+    exists is whole even when a worker then fails at exit (with torch 2.14 and gloo,
+    ``destroy_process_group`` after the ranks exchanges sometimes aborts a worker:
+    "terminate called without an active exception"); that is said in ``notes``. A job
+    that wrote nothing is tried once more, then reported as one error."""
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
             "-m", "alexnet2gpu", *command, "--json", out]
     env = dict(os.environ)
@@ -196,28 +202,51 @@ def _ranks_job(config: CompareConfig, command: list[str], out: str) -> dict:
         env["OMP_NUM_THREADS"] = str(config.threads)
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    # A session of its own, so that a timeout or Ctrl-C ends torchrun *and* its workers.
+    failures = []
+    for _attempt in range(2):
+        returncode, stderr = _launch(argv, env, config.ranks_timeout_s)
+        if os.path.exists(out):
+            if returncode != 0:
+                notes.append(f"`{command[0]}`: a worker exited abnormally ({_why(returncode, stderr)}) after "
+                             "rank 0 had written its complete results")
+            with open(out) as f:
+                return json.load(f)
+        failures.append(_why(returncode, stderr))
+        if returncode == 0 or "error:" in stderr and "alexnet2gpu" in stderr:
+            break  # a usage error or a clean exit without results: trying again cannot help
+    raise Alexnet2gpuError(f"the dual/ranks torchrun job failed: {'; then: '.join(failures)}; "
+                           f"command: {shlex.join(argv)}")
+
+
+def _launch(argv: list[str], env: dict, timeout_s: float) -> tuple[int | None, str]:
+    """(exit code or None on timeout, stderr). A session of its own, so that a timeout or
+    Ctrl-C ends torchrun *and* its workers."""
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        stdout, stderr = proc.communicate(timeout=config.ranks_timeout_s)
+        _stdout, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         _kill_group(proc)
-        raise Alexnet2gpuError(
-            f"the dual/ranks torchrun job did not finish in {config.ranks_timeout_s:.0f} s: {shlex.join(argv)}"
-        ) from None
+        return None, f"did not finish in {timeout_s:.0f} s"
     except BaseException:
         _kill_group(proc)
         raise
-    done = subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
-    if done.returncode != 0:
-        lines = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()]
-        errors = [line for line in lines if "error" in line.lower()]
-        tail = (errors or lines or ["no output"])[-1]
-        raise Alexnet2gpuError(f"the dual/ranks torchrun job failed (exit {done.returncode}): {tail}; "
-                               f"command: {shlex.join(argv)}")
-    with open(out) as f:
-        return json.load(f)
+    return proc.returncode, stderr or ""
+
+
+def _why(returncode: int | None, stderr: str) -> str:
+    """The most telling line of a failed torchrun job: our own error line, else an
+    exception, else the signal that ended a worker."""
+    if returncode is None:
+        return stderr
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for pick in (lambda l: l.startswith("alexnet2gpu ") and ": error:" in l,
+                 lambda l: "Error:" in l and "ChildFailedError" not in l,
+                 lambda l: l.startswith("traceback : Signal") or l.startswith("terminate called")):
+        found = [line for line in lines if pick(line)]
+        if found:
+            return f"exit {returncode}: {found[-1]}"
+    return f"exit {returncode}: {lines[-1] if lines else 'no output'}"
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -243,6 +272,7 @@ def _size_flags(config: CompareConfig) -> list[str]:
 
 def _run_ranks(config: CompareConfig) -> Variant:
     """dual/ranks: this process when it is a torchrun worker, else a 2-process torchrun job."""
+    notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="alexnet2gpu-ranks-") as tmp:
         threads = ["--threads", str(config.threads)] if config.threads else []
         bench = _ranks_job(config, [
@@ -250,18 +280,19 @@ def _run_ranks(config: CompareConfig) -> Variant:
             "--batch-sizes", ",".join(map(str, config.batch_sizes)), "--mode", "both",
             "--repeats", str(config.repeats), "--warmup", str(config.warmup), "--steps", str(config.steps),
             "--seed", str(config.seed), *threads,
-        ], os.path.join(tmp, "bench.json"))
+        ], os.path.join(tmp, "bench.json"), notes)
         memory = _ranks_job(config, [
             "memory", "--model", "dual", "--placement", "ranks", *_size_flags(config),
             "--batch-size", str(config.memory_batch_size), "--seed", str(config.seed), *threads,
-        ], os.path.join(tmp, "memory.json"))
+        ], os.path.join(tmp, "memory.json"), notes)
     results = [BenchResult(**r) for r in bench["results"]]
     report = _memory_from_json(memory)
     return Variant(
         name="dual/ranks", model="dual", placement="ranks", devices=results[0].device if results else "",
         params=_param_count(report), memory=report, results=results,
         comm_bytes_per_step=report.comm_bytes_per_step,
-        note="2 processes launched with torch.distributed.run (gloo on the CPU), one tower each",
+        note="; ".join(["2 processes launched with torch.distributed.run (gloo on the CPU), one tower each",
+                        *notes]),
     )
 
 

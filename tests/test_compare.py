@@ -1,0 +1,142 @@
+"""compare: the matrix on a tiny size, compare.json / compare.md / plots written, every
+figure labelled, speed-ups, atomic writes (an interrupted run keeps the previous report),
+dual/ranks through its own torchrun job, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from alexnet2gpu import bench as bench_mod
+from alexnet2gpu import compare as compare_mod
+from alexnet2gpu.cli import main
+from alexnet2gpu.compare import CompareConfig, run_compare, speedups
+from alexnet2gpu.report import compare as report_compare
+from alexnet2gpu.report import plots
+
+TINY = dict(width=1 / 16, image_size=67, batch_sizes=[2, 4], memory_batch_size=4, repeats=1, warmup=0)
+TINY_ARGS = ["--width", "0.0625", "--image-size", "67", "--batch-sizes", "2,4", "--memory-batch-size", "4",
+             "--repeats", "1", "--warmup", "0"]
+LOCAL = ["simplified", "dual/towers", "dual/grouped", "dual/split", "half", "torchvision"]
+
+
+@pytest.fixture(scope="module")
+def report():
+    return run_compare(CompareConfig(variants=LOCAL, overhead=True, **TINY), command="test")
+
+
+def test_compare_runs_the_local_matrix(report):
+    assert [v.name for v in report.variants] == LOCAL
+    for v in report.variants:
+        assert v.params > 0 and v.memory is not None
+        if v.name == "dual/split" and torch.cuda.device_count() < 2:
+            assert v.results == [] and "needs two GPUs" in v.note
+            assert [d.device for d in v.memory.devices] == ["cpu #0", "cpu #1"]
+            assert v.comm_bytes_per_step > 0
+        else:
+            assert {(r.mode, r.batch_size) for r in v.results} == {(m, b) for m in ("train", "infer") for b in (2, 4)}
+            assert v.comm_bytes_per_step == 0
+    assert report.overhead is not None and report.overhead.model == "simplified"
+    assert report.machine["torch"] == torch.__version__ and report.wall_s > 0
+
+
+def test_speedups_are_ratios_of_the_measured_rates(report):
+    rows = speedups(report.variants)
+    rate = {(v.name, r.mode, r.batch_size): r.images_per_s for v in report.variants for r in v.results}
+    for row in rows:
+        assert row["speedup"] == pytest.approx(rate[row["name"], row["mode"], row["batch_size"]]
+                                               / rate[row["vs"], row["mode"], row["batch_size"]])
+    assert {(row["vs"]) for row in rows} == {"simplified", "dual/towers"}
+    assert all(row["speedup"] == 1.0 for row in rows if row["name"] == row["vs"])
+
+
+def test_compare_writes_json_markdown_and_plots(report, tmp_path):
+    paths = report_compare.write_compare(report, tmp_path)
+    assert sorted(p.name for p in paths) == sorted(report_compare.FILES)
+    data = json.loads((tmp_path / "compare.json").read_text())
+    assert [v["name"] for v in data["variants"]] == LOCAL
+    assert data["torch"] == torch.__version__ and "machine" in data and data["speedups"]
+    md = (tmp_path / "compare.md").read_text()
+    assert "measured" in md and "estimated" in md and torch.__version__ in md and "| dual/grouped |" in md
+    for png in ("memory.png", "throughput.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_an_interrupted_write_keeps_the_previous_report(report, tmp_path, monkeypatch):
+    report_compare.write_compare(report, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots, "plot_throughput", interrupted)  # the last file to be rendered
+    with pytest.raises(KeyboardInterrupt):
+        report_compare.write_compare(report, tmp_path)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert after == before  # nothing replaced, no temporary file left
+
+
+def test_an_interrupted_run_exits_130_and_keeps_the_previous_report(tmp_path, monkeypatch, capsys):
+    args = ["compare", *TINY_ARGS, "--variants", "simplified", "--no-overhead", "--out", str(tmp_path)]
+    assert main(args) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    calls = []
+
+    def interrupted_step(*a, **k):
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_mod, "train_step", interrupted_step)
+    assert main(args) == 130 and calls
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_out_of_memory_in_compare_is_one_line(tmp_path, monkeypatch, capsys):
+    def oom(*_a, **_k):
+        raise torch.OutOfMemoryError("CUDA out of memory. GPU 0 has a total capacity of 8.00 MiB")
+
+    monkeypatch.setattr(bench_mod, "train_step", oom)
+    code = main(["compare", *TINY_ARGS, "--variants", "dual/towers", "--no-overhead", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "out of memory on cuda:0 at batch size 2" in err and "largest that fits" in err
+    assert not (tmp_path / "compare.json").exists()
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--variants", "dual/nowhere"], "unknown variant 'dual/nowhere'"),
+    (["--batch-sizes", "0"], "batch sizes"),
+    (["--repeats", "0"], "repeats"),
+    (["--threads", "-1"], "threads"),
+])
+def test_bad_compare_flags_are_usage_errors(args, fragment, tmp_path, capsys):
+    assert main(["compare", *args, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_quick_is_the_same_matrix_with_less_work():
+    quick, full = CompareConfig.quick(), CompareConfig()
+    assert quick.variants == full.variants and quick.width == full.width == 1.0
+    assert max(quick.batch_sizes) < max(full.batch_sizes) and quick.repeats <= full.repeats
+
+
+@pytest.mark.distributed
+def test_compare_launches_ranks_itself_and_counts_the_same_bytes_as_split(tmp_path):
+    result = run_compare(CompareConfig(variants=["dual/split", "dual/ranks"], overhead=False, **TINY))
+    split, ranks = result.variants
+    assert ranks.name == "dual/ranks" and ranks.devices == "cpu x2 processes"
+    assert ranks.comm_bytes_per_step == split.comm_bytes_per_step > 0
+    assert [d.params for d in ranks.memory.devices] == [d.params for d in split.memory.devices]
+    assert all(d.rss_peak_bytes for d in ranks.memory.devices)
+    assert {(r.mode, r.batch_size) for r in ranks.results} == {(m, b) for m in ("train", "infer") for b in (2, 4)}
+
+
+def test_ranks_job_failure_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(compare_mod, "_size_flags", lambda config: ["--width", "0.0625", "--image-size", "3"])
+    with pytest.raises(compare_mod.Alexnet2gpuError, match="dual/ranks torchrun job failed: exit 1: alexnet2gpu bench: error: image size 3 is too small"):
+        compare_mod._run_ranks(CompareConfig(variants=["dual/ranks"], overhead=False, **TINY))
