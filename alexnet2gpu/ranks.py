@@ -43,6 +43,7 @@ import os
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from .errors import ConfigError
@@ -220,8 +221,6 @@ class _Column(nn.Module):
         self._owner = [owner]  # not a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        import torch.distributed._functional_collectives as funcol
-
         owner = self._owner[0]
         counter, group = owner.exchange_counter, owner.tower_group
         h = x

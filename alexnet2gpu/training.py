@@ -410,11 +410,12 @@ def _tower_of(name: str) -> str:
 
 def _grad_flags(placed: nn.Module) -> tuple[float, float]:
     """(tower a has a non-finite gradient, tower b has one); single-stream nets count as a."""
-    bad = {"a": 0.0, "b": 0.0}
+    finite: dict[str, list[torch.Tensor]] = {"a": [], "b": []}
     for name, p in placed.named_parameters():
-        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-            bad[_tower_of(name)] = 1.0
-    return bad["a"], bad["b"]
+        if p.grad is not None:
+            finite[_tower_of(name)].append(torch.isfinite(p.grad).all())
+    # one device-to-host read per tower, not one per parameter
+    return tuple(0.0 if not f or bool(torch.stack(f).all()) else 1.0 for f in (finite["a"], finite["b"]))
 
 
 def _weights_finite(placed: nn.Module) -> bool:

@@ -223,3 +223,15 @@ def test_fashion_mnist_trains_on_a_subset():
     result = train(TrainConfig(**dict(TINY, data="fashion-mnist", num_classes=None, batch_size=32),
                                train_subset=64, epochs=1, workers=0))
     assert result.steps == 2 and result.test_accuracy is not None and 0.0 <= result.test_accuracy <= 1.0
+
+
+def test_synthetic_batches_are_a_pure_function_of_seed_and_step():
+    from alexnet2gpu.data.synthetic import synthetic_batch
+
+    kw = dict(in_channels=3, image_size=64, num_classes=10)
+    x, y = synthetic_batch(7, 3, 8, **kw)
+    again = synthetic_batch(7, 3, 8, **kw)
+    assert torch.equal(x, again[0]) and torch.equal(y, again[1])
+    assert not torch.equal(x, synthetic_batch(7, 4, 8, **kw)[0])
+    halves = [synthetic_batch(7, 3, 8, **kw, dp_size=2, dp_rank=r) for r in (0, 1)]
+    assert torch.equal(torch.cat([h[0] for h in halves]), x) and torch.equal(torch.cat([h[1] for h in halves]), y)
