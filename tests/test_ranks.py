@@ -17,6 +17,15 @@ WORKER = str(ROOT / "tests" / "dist_ranks_worker.py")
 TOLERANCE = 1e-5  # issue 3: loss at every step and final weights, relative error
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The workers run one thread each; so does the reference (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
