@@ -229,9 +229,10 @@ def load_optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimi
     params = dict(model.named_parameters())
     ids = {id(p): i for i, p in enumerate(optimizer.param_groups[0]["params"])}
     index = {n: ids[id(p)] for n, p in params.items() if id(p) in ids}
-    missing = [n for n in index if n not in named["state"]] if named["state"] else []
-    if missing and any(named["state"].values()):
-        raise ConfigError(f"the checkpoint's optimizer state lacks {missing[0]}: it belongs to another model")
+    if named["state"]:  # empty for plain SGD; otherwise every parameter has its entry
+        missing = [n for n in index if n not in named["state"]]
+        if missing:
+            raise ConfigError(f"the checkpoint's optimizer state lacks {missing[0]}: it belongs to another model")
     group = {k: v for k, v in named["param_groups"][0].items() if k != "params"}
     optimizer.load_state_dict({
         "state": {index[n]: s for n, s in named["state"].items() if n in index},
