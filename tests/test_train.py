@@ -280,3 +280,9 @@ def test_synthetic_batches_are_a_pure_function_of_seed_and_step():
     assert not torch.equal(x, synthetic_batch(7, 4, 8, **kw)[0])
     halves = [synthetic_batch(7, 3, 8, **kw, dp_size=2, dp_rank=r) for r in (0, 1)]
     assert torch.equal(torch.cat([h[0] for h in halves]), x) and torch.equal(torch.cat([h[1] for h in halves]), y)
+
+
+def test_resuming_into_another_net_says_what_differs(tmp_path):
+    train(TrainConfig(**TINY, steps=1, checkpoint_dir=str(tmp_path)))
+    with pytest.raises(ConfigError, match=r"tower_a\.conv1\.weight: saved \[3, 3, 11, 11\], model \[6, 3, 11, 11\]"):
+        train(TrainConfig(**dict(TINY, width=1 / 8), steps=2, checkpoint_dir=str(tmp_path), resume=True))
