@@ -124,8 +124,8 @@ def _notes(report: CompareReport) -> list[str]:
     return lines
 
 
-def _md_table(header: list[str], rows: list[list[str]], right_from: int = 1) -> str:
-    align = ["---" if i < right_from else "---:" for i in range(len(header))]
+def _md_table(header: list[str], rows: list[list[str]], right_from: int = 1, left: tuple[str, ...] = ("source",)) -> str:
+    align = ["---" if i < right_from or name in left else "---:" for i, name in enumerate(header)]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
