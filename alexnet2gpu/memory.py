@@ -327,6 +327,8 @@ def measure_memory(placed: nn.Module, model_name: str, batch_size: int, *, seed:
             f"measured memory needs distinct devices per tower, got {','.join(map(str, devices))}: "
             "use cuda:0,cuda:1, or --source estimated"
         )
+    if snapshot and placed.layout.placement == "ranks" and torch.distributed.get_rank() != 0:
+        snapshot = None  # one file: rank 0's tower (the one with fc8 and the loss)
     if snapshot:
         torch.cuda.memory._record_memory_history(max_entries=200_000)
     synchronize(slot_devices)
