@@ -102,6 +102,8 @@ def test_harness_overhead_is_measured_against_a_plain_loop():
     result = measure_overhead("simplified", batch_size=2, warmup=1, repeats=2, width=1 / 16, image_size=65)
     assert result.harness_images_per_s > 0 and result.plain_images_per_s > 0
     assert result.overhead == pytest.approx(result.plain_images_per_s / result.harness_images_per_s - 1)
+    assert result.overhead_best == pytest.approx(result.plain_best_images_per_s / result.harness_best_images_per_s - 1)
+    assert result.harness_best_images_per_s >= result.harness_images_per_s
 
 
 OOM_TEXT = ("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 6.00 MiB "

@@ -40,7 +40,9 @@ def render_overhead(result: OverheadResult) -> None:
         f"harness overhead, measured ({result.device}, {result.threads} thread(s), torch {torch.__version__}): "
         f"bench {result.harness_images_per_s:,.1f} images/s against a plain loop "
         f"{result.plain_images_per_s:,.1f} images/s ({result.model}, batch {result.batch_size}, "
-        f"median of {result.repeats}): {100 * result.overhead:+.1f} % ({verdict})"
+        f"median of {result.repeats}): {100 * result.overhead:+.1f} % ({verdict}); fastest repeats: "
+        f"{result.harness_best_images_per_s:,.1f} against {result.plain_best_images_per_s:,.1f}, "
+        f"{100 * result.overhead_best:+.1f} %"
     )
 
 

@@ -118,7 +118,8 @@ def _notes(report: CompareReport) -> list[str]:
         lines.append(
             f"harness overhead (measured, {o.model}, batch {o.batch_size}, {o.device}): bench "
             f"{o.harness_images_per_s:,.1f} images/s, plain PyTorch loop {o.plain_images_per_s:,.1f} images/s: "
-            f"{100 * o.overhead:+.1f} %"
+            f"{100 * o.overhead:+.1f} % (medians of {o.repeats}); fastest repeats {o.harness_best_images_per_s:,.1f} "
+            f"against {o.plain_best_images_per_s:,.1f}: {100 * o.overhead_best:+.1f} %"
         )
     lines.append(f"wall time {report.wall_s:,.0f} s")
     return lines
