@@ -77,6 +77,9 @@ class BenchResult:
     width: float = 1.0
     threads: int = 0  # CPU threads per process
     processes: int = 1
+    # CPU seconds per step of the busiest process (median over the repeats): on a machine
+    # shared with other jobs it stays put while the wall-clock figures drop
+    cpu_s_per_step: float = 0.0
     source: str = "measured"
 
     def to_json(self) -> dict:
@@ -217,9 +220,10 @@ def synchronize(devices: Iterable[torch.device]) -> None:
 
 
 def time_repeats(step: Callable[[], None], devices, *, warmup: int, repeats: int, steps: int,
-                 on_repeat: Callable[[], None] | None = None) -> list[float]:
+                 on_repeat: Callable[[], None] | None = None, cpu_seconds: list[float] | None = None) -> list[float]:
     """Seconds per step for each of ``repeats`` timings of ``steps`` calls of ``step``,
-    after ``warmup`` untimed calls, with every device synchronised around each timing."""
+    after ``warmup`` untimed calls, with every device synchronised around each timing.
+    ``cpu_seconds``, if given, receives this process's CPU time per step for each repeat."""
     if repeats < 1 or steps < 1 or warmup < 0:
         raise ConfigError(f"need repeats >= 1, steps >= 1, warmup >= 0; got {repeats}, {steps}, {warmup}")
     devices = list(devices)
@@ -228,11 +232,13 @@ def time_repeats(step: Callable[[], None], devices, *, warmup: int, repeats: int
     times = []
     for _ in range(repeats):
         synchronize(devices)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for _ in range(steps):
             step()
         synchronize(devices)
         times.append((time.perf_counter() - start) / steps)
+        if cpu_seconds is not None:
+            cpu_seconds.append((time.process_time() - cpu_start) / steps)
         if on_repeat is not None:
             on_repeat()
     return times
@@ -241,6 +247,15 @@ def time_repeats(step: Callable[[], None], devices, *, warmup: int, repeats: int
 def _summarise(batch_size: int, seconds: list[float]) -> tuple[float, float, list[float]]:
     rates = [batch_size / s for s in seconds]
     return statistics.median(rates), (max(rates) - min(rates)) / 2, rates
+
+
+def _busiest(cpu_seconds: list[float]) -> list[float]:
+    """Per repeat, the largest CPU time of any process of a torch.distributed job."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return cpu_seconds
+    every: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, cpu_seconds)
+    return [max(values) for values in zip(*every)]
 
 
 def _threads() -> int:
@@ -276,12 +291,14 @@ def bench_placed(
     for batch_size in batch_sizes:
         x, y = make_batch(placed, batch_size, seed=seed)
         for mode in modes:
+            cpu: list[float] = []
             try:
                 if mode == "train":
                     placed.train()
                     optimizer = make_optimizer(placed)
                     seconds = time_repeats(lambda: train_step(placed, optimizer, x, y), devices,
-                                           warmup=warmup, repeats=repeats, steps=steps, on_repeat=on_repeat)
+                                           warmup=warmup, repeats=repeats, steps=steps, on_repeat=on_repeat,
+                                           cpu_seconds=cpu)
                     del optimizer
                     placed.zero_grad(set_to_none=True)
                 else:
@@ -292,7 +309,7 @@ def bench_placed(
                             placed(x)
 
                     seconds = time_repeats(infer, devices, warmup=warmup, repeats=repeats, steps=steps,
-                                           on_repeat=on_repeat)
+                                           on_repeat=on_repeat, cpu_seconds=cpu)
             except torch.OutOfMemoryError as error:
                 placed.zero_grad(set_to_none=True)
                 from .memory import out_of_memory_error
@@ -300,11 +317,12 @@ def bench_placed(
                 raise out_of_memory_error(error, model_name, placed, batch_size, mode,
                                           model_kwargs=model_kwargs) from None
             median, spread, rates = _summarise(batch_size, seconds)
+            cpu = _busiest(cpu)
             results.append(BenchResult(
                 model=model_name, placement=layout.placement, mode=mode, batch_size=batch_size,
                 images_per_s=median, spread=spread, device=label, repeats_images_per_s=rates,
                 steps_per_repeat=steps, image_size=placed.image_size, width=width,
-                threads=_threads(), processes=layout.world_size,
+                threads=_threads(), processes=layout.world_size, cpu_s_per_step=statistics.median(cpu),
             ))
         del x, y
     placed.train()

@@ -24,9 +24,11 @@ def render_bench(results: list[BenchResult], machine: dict | None = None) -> Non
     table.add_column("images/s", justify="right")
     table.add_column("± spread", justify="right")
     table.add_column("ms/step", justify="right")
+    table.add_column("CPU ms/step", justify="right")
     for r in results:
         table.add_row(r.model, r.placement, r.mode, str(r.batch_size), f"{r.images_per_s:,.1f}",
-                      f"{r.spread:,.1f}", f"{1000 * r.batch_size / r.images_per_s:,.1f}")
+                      f"{r.spread:,.1f}", f"{1000 * r.batch_size / r.images_per_s:,.1f}",
+                      f"{1000 * r.cpu_s_per_step:,.1f}")
     console().print(table)
     if machine:
         console().print(f"machine: {machine.get('cpu')}, {machine.get('cpu_cores')} cores, "

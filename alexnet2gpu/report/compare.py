@@ -33,6 +33,11 @@ def _rate(v, mode: str, batch: int) -> str:
     return "" if r is None else f"{r.images_per_s:,.1f} ± {r.spread:,.1f}"
 
 
+def _cpu(v, batch: int) -> str:
+    r = next((r for r in v.results if r.mode == "train" and r.batch_size == batch), None)
+    return "" if r is None or not r.cpu_s_per_step else f"{r.cpu_s_per_step:,.3f}"
+
+
 def _where(report: CompareReport) -> str:
     m = report.machine
     gpus = ", ".join(m.get("gpus") or []) or "no GPU"
@@ -161,6 +166,15 @@ def compare_markdown(report: CompareReport) -> str:
         _md_table(["variant", "device", "mode", *(f"batch {b}" for b in sizes)],
                   [[v.name, v.devices, mode, *[_rate(v, mode, b) for b in sizes]]
                    for mode in ("train", "infer") for v in report.variants if v.results], right_from=3),
+        "",
+        "## CPU seconds per training step (measured, the busiest process)",
+        "",
+        "Process CPU time (`time.process_time`) per step; under `dual/ranks`, the larger of the two "
+        "processes'. Unlike the images/s above it hardly moves when other jobs share the machine.",
+        "",
+        _md_table(["variant", "device", *(f"batch {b}" for b in sizes)],
+                  [[v.name, v.devices, *[_cpu(v, b) for b in sizes]] for v in report.variants if v.results],
+                  right_from=2),
         "",
         "## Bytes exchanged between devices per training step (forward + backward)",
         "",
