@@ -8,10 +8,13 @@ released code put softmax and loss on the first GPU [cfg].
 
 Exchanges ([paper] section 3.5, figure 2):
 
-* 1-3 (conv3, fc6, fc7 read both towers): an autograd-aware all-gather over the "tower"
-  group (``torch.distributed._functional_collectives.all_gather_single_autograd``), whose
-  backward is a reduce-scatter: each tower's input gradient is the *sum* of what both
-  towers' layers send back. Plain ``dist.all_gather`` would carry no gradient at all.
+* 1-3 (conv3, fc6, fc7 read both towers): an all-gather over the "tower" group whose
+  backward is a reduce-scatter (:class:`_GatherTowers`): each tower's input gradient is the
+  *sum* of what both towers' layers send back. Plain ``dist.all_gather`` would carry no
+  gradient at all. (``_functional_collectives.all_gather_single_autograd`` computes the
+  same, but with gloo and torch 2.14 its asynchronous work made about one run in five
+  abort at exit, "terminate called without an active exception"; the synchronous
+  ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` pair never did in our runs.)
 * 4 (fc8 reads both towers, on the first device): tower b's fc7 output goes to tower rank
   0 by ``dist.send``/``dist.recv`` (:class:`_SendToTowerA` / :class:`_ReceiveFromTowerB`);
   backward returns its gradient the same way.
@@ -40,10 +43,10 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import sys
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from .errors import ConfigError
@@ -145,31 +148,49 @@ def _attempt_store(env: TorchrunEnv, timeout: datetime.timedelta):
     return dist.PrefixStore(f"alexnet2gpu/attempt{attempt}", store)
 
 
-def close_distributed(*, barrier: bool = False) -> None:
-    """``destroy_process_group`` if a group is up: call it on every exit path. With
-    ``barrier`` (the success path only) the ranks first wait for each other, so that none
-    tears its connections down while a peer is still using them."""
-    if dist.is_available() and dist.is_initialized():
-        try:
-            if barrier:
-                dist.barrier()
-        finally:
-            dist.destroy_process_group()
+def close_distributed(*, barrier: bool | None = None) -> None:
+    """``destroy_process_group`` if a group is up: call it on every exit path (e.g. in a
+    ``finally``).
+
+    On the success path the ranks first meet at a barrier (``barrier=None`` means: when no
+    exception is propagating). Without it, a rank that finishes first tears its gloo
+    connections down while its peer may still be draining the last exchange, and the peer
+    then dies in gloo's I/O thread ("terminate called without an active exception",
+    measured here with torch 2.14: 5 of 8 two-rank runs). On an error path there is no
+    barrier: the peers may be dead or hung."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if barrier is None:
+        barrier = sys.exc_info()[0] is None
+    try:
+        if barrier:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
-class _CountExchange(torch.autograd.Function):
-    """Identity that counts ``tensor`` (sent forward) and its gradient (sent backward)."""
+class _GatherTowers(torch.autograd.Function):
+    """Exchanges 1-3: ``[tower a | tower b]`` along dim 1 on both tower ranks, from each
+    rank's own ``[N, C, ...]`` output (``dist.all_gather_into_tensor``). Backward is a
+    reduce-scatter (``dist.reduce_scatter_tensor``, SUM): each tower's gradient is the sum of
+    what both towers' next layers send back for its half."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, counter: ExchangeCounter) -> torch.Tensor:
-        ctx.counter = counter
-        counter.add(tensor)
-        return tensor.view_as(tensor)
+    def forward(ctx, tensor: torch.Tensor, group, counter: ExchangeCounter) -> torch.Tensor:
+        ctx.group, ctx.counter = group, counter
+        tensor = tensor.contiguous()
+        counter.add(tensor)  # sent to the other tower
+        gathered = tensor.new_empty((2 * tensor.shape[0], *tensor.shape[1:]))
+        dist.all_gather_into_tensor(gathered, tensor, group=group)  # [a; b] along dim 0
+        return torch.cat(gathered.chunk(2), dim=1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        ctx.counter.add(grad)
-        return grad, None
+        halves = torch.cat(grad.chunk(2, dim=1), dim=0).contiguous()  # [grad for a; grad for b]
+        mine = halves.new_empty((halves.shape[0] // 2, *halves.shape[1:]))
+        ctx.counter.add(mine)  # the other tower's half goes to it
+        dist.reduce_scatter_tensor(mine, halves, group=ctx.group)
+        return mine, None, None
 
 
 class _SendToTowerA(torch.autograd.Function):
@@ -225,10 +246,7 @@ class _Column(nn.Module):
         counter, group = owner.exchange_counter, owner.tower_group
         h = x
         for stage in range(Tower.NUM_STAGES - 1):
-            out = _CountExchange.apply(self.tower.stage(stage, h), counter)
-            # Exchanges 1-3: [tower a | tower b] along channels on both ranks; the backward
-            # is a reduce-scatter that sums both towers' gradients.
-            h = funcol.all_gather_single_autograd(out.contiguous(), 1, group)
+            h = _GatherTowers.apply(self.tower.stage(stage, h), group, counter)  # exchanges 1-3
         out = self.tower.stage(3, h)
         if self.fc8 is None:  # tower b: exchange 4 sends fc7's output to tower a
             return _SendToTowerA.apply(out, owner.peer, group, counter)
