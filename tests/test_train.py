@@ -286,3 +286,15 @@ def test_resuming_into_another_net_says_what_differs(tmp_path):
     train(TrainConfig(**TINY, steps=1, checkpoint_dir=str(tmp_path)))
     with pytest.raises(ConfigError, match=r"tower_a\.conv1\.weight: saved \[3, 3, 11, 11\], model \[6, 3, 11, 11\]"):
         train(TrainConfig(**dict(TINY, width=1 / 8), steps=2, checkpoint_dir=str(tmp_path), resume=True))
+
+
+def test_every_single_process_placement_trains_the_same_losses(tmp_path):
+    losses = {}
+    for placement, devices in (("towers", "cpu"), ("grouped", "cpu"), ("split", "cpu,cpu")):
+        path = tmp_path / f"{placement}.jsonl"
+        result = train(TrainConfig(**dict(TINY, placement=placement, devices=devices), steps=3, metrics=str(path)))
+        assert result.placement == placement
+        losses[placement] = _steps(path)
+    for placement in ("grouped", "split"):
+        for step, loss in losses["towers"].items():
+            assert abs(losses[placement][step] - loss) / loss < 1e-5, (placement, step)
