@@ -379,6 +379,11 @@ class _Job:
         self.config = config
         self.env = TorchrunEnv.from_environ()
         self.distributed = config.placement == "ranks" or (config.placement == "auto" and self.env.world_size > 1)
+        if self.distributed and config.model != "dual":
+            raise ConfigError(
+                f"under torchrun each process holds one tower of the two-tower net 'dual'; '{config.model}' "
+                "is a single-stream net that trains in one process: run it without torchrun"
+            )
         if self.env.launched and self.env.world_size > 1 and not self.distributed:
             raise ConfigError(
                 f"launched by torchrun with WORLD_SIZE={self.env.world_size} but --placement {config.placement} "

@@ -136,6 +136,12 @@ def test_odd_world_size_is_refused_with_the_number(capsys, monkeypatch):
     assert code == 2 and "WORLD_SIZE=3" in capsys.readouterr().err
 
 
+def test_a_single_stream_net_under_torchrun_is_refused(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = main(["train", "--model", "simplified", "--data", "synthetic", "--steps", "1", "--quiet"])
+    assert code == 2 and "run it without torchrun" in capsys.readouterr().err
+
+
 def test_a_batch_the_replicas_cannot_split_names_the_numbers():
     with pytest.raises(ConfigError, match="batch size 6 does not split over 4"):
         replica_slice(6, 4, 0)
