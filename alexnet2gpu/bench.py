@@ -91,7 +91,8 @@ class OverheadResult:
     """``bench``'s training-step figure against a plain PyTorch loop (forward, loss,
     backward, SGD step) on the same model and batch, timed alternately so that a change
     in machine load hits both. ``overhead`` = plain / harness - 1 (0.03 = 3 % slower),
-    from the medians; ``overhead_best`` from each side's fastest repeat."""
+    from the medians; ``overhead_best`` from each side's fastest repeat; ``overhead_cpu``
+    from the CPU seconds per step (harness / plain - 1)."""
 
     model: str
     batch_size: int
@@ -107,6 +108,11 @@ class OverheadResult:
     harness_best_images_per_s: float = 0.0
     plain_best_images_per_s: float = 0.0
     overhead_best: float = 0.0
+    # from process CPU seconds per step (medians): what the harness adds in work, which
+    # other jobs' load on a shared machine does not inflate as it does wall time
+    harness_cpu_s_per_step: float = 0.0
+    plain_cpu_s_per_step: float = 0.0
+    overhead_cpu: float = 0.0
     source: str = "measured"
 
     def to_json(self) -> dict:
@@ -390,13 +396,13 @@ def measure_overhead(
         train_step(placed, harness_opt, x, y)
 
     placed.train()
-    harness, plain_times = [], []
+    harness, plain_times, harness_cpu, plain_cpu = [], [], [], []
     for _ in range(warmup):
         harness_step()
         plain_step()
     for _ in range(repeats):
-        harness += time_repeats(harness_step, [device], warmup=0, repeats=1, steps=steps)
-        plain_times += time_repeats(plain_step, [device], warmup=0, repeats=1, steps=steps)
+        harness += time_repeats(harness_step, [device], warmup=0, repeats=1, steps=steps, cpu_seconds=harness_cpu)
+        plain_times += time_repeats(plain_step, [device], warmup=0, repeats=1, steps=steps, cpu_seconds=plain_cpu)
         if on_repeat is not None:
             on_repeat()
     harness_rate = batch_size / statistics.median(harness)
@@ -408,4 +414,6 @@ def measure_overhead(
         overhead=plain_rate / harness_rate - 1.0, repeats=repeats, steps_per_repeat=steps,
         image_size=placed.image_size, threads=_threads(), harness_best_images_per_s=harness_best,
         plain_best_images_per_s=plain_best, overhead_best=plain_best / harness_best - 1.0,
+        harness_cpu_s_per_step=statistics.median(harness_cpu), plain_cpu_s_per_step=statistics.median(plain_cpu),
+        overhead_cpu=statistics.median(harness_cpu) / statistics.median(plain_cpu) - 1.0,
     )

@@ -104,6 +104,7 @@ def test_harness_overhead_is_measured_against_a_plain_loop():
     assert result.overhead == pytest.approx(result.plain_images_per_s / result.harness_images_per_s - 1)
     assert result.overhead_best == pytest.approx(result.plain_best_images_per_s / result.harness_best_images_per_s - 1)
     assert result.harness_best_images_per_s >= result.harness_images_per_s
+    assert result.overhead_cpu == pytest.approx(result.harness_cpu_s_per_step / result.plain_cpu_s_per_step - 1)
 
 
 OOM_TEXT = ("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 6.00 MiB "

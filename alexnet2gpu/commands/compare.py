@@ -56,7 +56,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..compare import run_compare, units_of_work, plan_variants
-    from ..memory import out_of_memory_error  # noqa: F401  (OOM is turned into a message inside)
     from ..report.bench import progress_bar
     from ..report.compare import render_compare, write_compare
     from ..torchrun import TorchrunEnv

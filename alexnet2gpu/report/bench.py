@@ -44,7 +44,8 @@ def render_overhead(result: OverheadResult) -> None:
         f"{result.plain_images_per_s:,.1f} images/s ({result.model}, batch {result.batch_size}, "
         f"median of {result.repeats}): {100 * result.overhead:+.1f} % ({verdict}); fastest repeats: "
         f"{result.harness_best_images_per_s:,.1f} against {result.plain_best_images_per_s:,.1f}, "
-        f"{100 * result.overhead_best:+.1f} %"
+        f"{100 * result.overhead_best:+.1f} %; CPU time per step: {1000 * result.harness_cpu_s_per_step:,.0f} ms "
+        f"against {1000 * result.plain_cpu_s_per_step:,.0f} ms, {100 * result.overhead_cpu:+.1f} %"
     )
 
 

@@ -124,7 +124,8 @@ def _notes(report: CompareReport) -> list[str]:
             f"harness overhead (measured, {o.model}, batch {o.batch_size}, {o.device}): bench "
             f"{o.harness_images_per_s:,.1f} images/s, plain PyTorch loop {o.plain_images_per_s:,.1f} images/s: "
             f"{100 * o.overhead:+.1f} % (medians of {o.repeats}); fastest repeats {o.harness_best_images_per_s:,.1f} "
-            f"against {o.plain_best_images_per_s:,.1f}: {100 * o.overhead_best:+.1f} %"
+            f"against {o.plain_best_images_per_s:,.1f}: {100 * o.overhead_best:+.1f} %; CPU seconds per step "
+            f"{o.harness_cpu_s_per_step:.3f} against {o.plain_cpu_s_per_step:.3f}: {100 * o.overhead_cpu:+.1f} %"
         )
     lines.append(f"wall time {report.wall_s:,.0f} s")
     return lines
