@@ -171,7 +171,8 @@ def compare_markdown(report: CompareReport) -> str:
         "## CPU seconds per training step (measured, the busiest process)",
         "",
         "Process CPU time (`time.process_time`) per step; under `dual/ranks`, the larger of the two "
-        "processes'. Unlike the images/s above it hardly moves when other jobs share the machine.",
+        "processes'. Other jobs sharing the machine inflate it less than the images/s above (not "
+        "at all only where they leave the caches alone).",
         "",
         _md_table(["variant", "device", *(f"batch {b}" for b in sizes)],
                   [[v.name, v.devices, *[_cpu(v, b) for b in sizes]] for v in report.variants if v.results],
