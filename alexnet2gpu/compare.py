@@ -191,10 +191,10 @@ def _ranks_job(config: CompareConfig, command: list[str], out: str, notes: list[
     """Runs ``alexnet2gpu COMMAND ...`` as a 2-process torchrun job and returns its JSON.
 
     Rank 0 writes the JSON atomically once its measurement is complete, so a JSON that
-    exists is whole even when a worker then fails at exit (with torch 2.14 and gloo,
-    ``destroy_process_group`` after the ranks exchanges sometimes aborts a worker:
-    "terminate called without an active exception"); that is said in ``notes``. A job
-    that wrote nothing is tried once more, then reported as one error."""
+    exists is whole even if a worker then fails on its way out (as gloo's threads once made
+    it do at interpreter exit: "terminate called without an active exception"); that is
+    said in ``notes``. A job that wrote nothing is tried once more, then reported as one
+    error."""
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
             "-m", "alexnet2gpu", *command, "--json", out]
     env = dict(os.environ)
