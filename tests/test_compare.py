@@ -140,3 +140,20 @@ def test_ranks_job_failure_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(compare_mod, "_size_flags", lambda config: ["--width", "0.0625", "--image-size", "3"])
     with pytest.raises(compare_mod.Alexnet2gpuError, match="dual/ranks torchrun job failed: exit 1: alexnet2gpu bench: error: image size 3 is too small"):
         compare_mod._run_ranks(CompareConfig(variants=["dual/ranks"], overhead=False, **TINY))
+
+
+@pytest.mark.distributed
+def test_compare_under_torchrun_measures_ranks_in_its_own_processes(tmp_path):
+    """Started under torchrun, every rank measures dual/ranks in place; rank 0 alone goes
+    on with the rest and writes the report; no worker is left behind."""
+    from .dist_launch import run_torchrun
+
+    result = run_torchrun(2, ["-m", "alexnet2gpu", "compare", *TINY_ARGS, "--variants", "simplified,dual/ranks",
+                              "--no-overhead", "--out", str(tmp_path)], timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not result.orphans
+    data = json.loads((tmp_path / "compare.json").read_text())
+    assert [v["name"] for v in data["variants"]] == ["simplified", "dual/ranks"]
+    ranks = data["variants"][1]
+    assert "this torchrun job's 2 processes" in ranks["note"] and ranks["comm_bytes_per_step"] > 0
+    assert result.stdout.count("wrote ") == 1  # rank 0 alone reports
