@@ -416,9 +416,11 @@ def init_paper_(model: nn.Module) -> None:
 
 
 def init_xavier_(model: nn.Module) -> None:
-    """[d2l] ``init_cnn``: Xavier-uniform weights, PyTorch's default biases."""
+    """[d2l] ``init_cnn``: Xavier-uniform weights, PyTorch's default biases (reset here too,
+    so that a net first given the paper's biases of 1 ends up as d2l's would)."""
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
+            module.reset_parameters()
             nn.init.xavier_uniform_(module.weight)
 
 

@@ -105,3 +105,13 @@ def test_bad_arguments(kwargs, message):
 def test_unknown_model():
     with pytest.raises(ConfigError, match="unknown model 'vgg': choose one of dual"):
         build_model("vgg")
+
+
+def test_xavier_init_resets_the_paper_biases():
+    from alexnet2gpu.models import init_xavier_
+
+    model = build_model("dual", **{"width": 1 / 16, "image_size": 64})
+    init_xavier_(model)
+    fc6 = model.tower_a.fc6
+    bound = fc6.in_features ** -0.5  # nn.Linear's default bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert fc6.bias.abs().max() <= bound and fc6.bias.abs().max() > 0
