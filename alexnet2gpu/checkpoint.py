@@ -37,7 +37,6 @@ import os
 import pickle
 import random
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic import fsync_directory, write_atomic
 from .errors import CheckpointError, ConfigError
 from .models import TowerDropout
 
@@ -70,35 +70,6 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + SIDECAR_SUFFIX)
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Makes the renames inside ``directory`` durable (POSIX; a no-op where unsupported)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Calls ``write(file)`` on a temporary file beside ``path``, fsyncs it and moves it
-    into place with ``os.replace``; on any failure the temporary file is removed."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -115,12 +86,12 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, lambda f: torch.save(state, f))
+        write_atomic(path, lambda f: torch.save(state, f))
         line = f"{_sha256_of(path)}  {path.name}\n"
-        _write_atomic(_sidecar(path), lambda f: f.write(line.encode()))
+        write_atomic(_sidecar(path), lambda f: f.write(line.encode()))
     except OSError as error:  # a full disk, a read-only folder: the previous checkpoints are untouched
         raise CheckpointError(f"cannot write checkpoint {path}: {error.strerror or error}") from None
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
     return path
 
 

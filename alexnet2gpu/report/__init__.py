@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from pathlib import Path
 
 from rich.console import Console
+
+from ..atomic import write_atomic
 
 __all__ = ["console", "fmt_int", "write_json", "write_text_atomic"]
 
@@ -28,20 +28,8 @@ def fmt_int(n: int) -> str:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file in the same folder, fsync and
-    ``os.replace``: an interrupted write leaves the previous file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Writes ``text`` to ``path`` atomically: an interrupted write leaves the previous file."""
+    write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def write_json(path: str | os.PathLike, data: dict) -> None:
