@@ -565,7 +565,7 @@ def _train(job: _Job, display_factory) -> TrainResult:
         while step < total_steps:
             train_loader.set_epoch(epoch)
             placed.train()
-            for x, y in _batches(train_loader):
+            for x, y in train_loader:
                 if progress:
                     progress.mark(job.env.rank, step)
                 t0 = time.perf_counter()
@@ -711,24 +711,6 @@ class _Metrics:
         if self.file:
             self.file.close()
             self.file = None
-
-
-def _batches(loader) -> Iterator:
-    """The loader's batches, fetched without touching the global RNG: a DataLoader draws
-    its workers' base seed from it whenever it starts an epoch, which would shift the
-    dropout masks of the single-stream nets (``nn.Dropout`` draws from the global RNG)
-    between a run and the same run resumed mid-epoch. The loaders' order and augmentation
-    do not depend on the global RNG (see data.loaders)."""
-    iterator = iter(loader)
-    while True:
-        state = torch.get_rng_state()
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            return
-        finally:
-            torch.set_rng_state(state)
-        yield batch
 
 
 def _first_device(config: TrainConfig, job: _Job) -> torch.device:

@@ -103,9 +103,13 @@ class EpochLoader(DataLoader):
 
     def __init__(self, dataset: Dataset, sampler: Sampler, batch_size: int, collate: Callable,
                  num_workers: int, pin_memory: bool) -> None:
+        # A DataLoader draws its workers' base seed at the start of every epoch from its
+        # generator, else from the global RNG, which would shift the dropout masks of the
+        # single-stream nets (nn.Dropout draws from it) between a run and the same run
+        # resumed mid-epoch. The workers use no RNG, so the seed itself does not matter.
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, collate_fn=_CollateOrFlag(collate),
                          num_workers=num_workers, pin_memory=pin_memory, drop_last=False,
-                         persistent_workers=num_workers > 0)
+                         persistent_workers=num_workers > 0, generator=torch.Generator())
         self.batches_done = 0
 
     @property
