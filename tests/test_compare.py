@@ -157,3 +157,13 @@ def test_compare_under_torchrun_measures_ranks_in_its_own_processes(tmp_path):
     ranks = data["variants"][1]
     assert "this torchrun job's 2 processes" in ranks["note"] and ranks["comm_bytes_per_step"] > 0
     assert result.stdout.count("wrote ") == 1  # rank 0 alone reports
+
+
+def test_an_unusable_out_folder_is_refused_before_measuring(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    measured = []
+    monkeypatch.setattr(compare_mod, "run_compare", lambda *a, **k: measured.append(1))
+    assert main(["compare", "--out", str(blocker / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {blocker / 'out'}" in err and "Traceback" not in err and not measured

@@ -9,8 +9,12 @@ CPU; --quick fits 2."""
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
+from pathlib import Path
+
+from ..errors import Alexnet2gpuError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +56,19 @@ def config_from_args(args: argparse.Namespace):
     return CompareConfig.quick(**overrides) if args.quick else CompareConfig(**overrides)
 
 
+def _check_out_dir(out: str) -> None:
+    from ..errors import ConfigError
+
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"--out {out}: cannot create the folder ({error.strerror or error}); "
+                          "give a folder you can write to") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: the folder is not writable; give a folder you can write to")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -62,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     env = TorchrunEnv.from_environ()
+    if env.is_rank0:
+        _check_out_dir(args.out)  # before minutes of measuring, not after
     names, _ = plan_variants(config)
     total = sum(units_of_work(config, names).values()) + (config.repeats if config.overhead else 0)
     command = shlex.join(["alexnet2gpu", *sys.argv[1:]]) if sys.argv[1:2] == ["compare"] else "alexnet2gpu compare"
@@ -73,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
     if report is None:  # a torchrun worker other than rank 0
         return 0
     render_compare(report)
-    paths = write_compare(report, args.out)
+    try:
+        paths = write_compare(report, args.out)
+    except OSError as error:
+        raise Alexnet2gpuError(f"could not write the report to {args.out}: {error.strerror or error}") from None
     print(f"wrote {', '.join(str(p) for p in paths)} (torch {torch.__version__})")
     return 0
