@@ -149,3 +149,12 @@ def test_bench_on_cuda():
 def test_bench_split_on_two_cuda_devices():
     results = run_bench("dual", "split", "cuda:0,cuda:1", batch_sizes=[4], warmup=1, repeats=2, **TINY)
     assert all(r.images_per_s > 0 and r.device == "cuda:0,cuda:1" for r in results)
+
+
+def test_an_unwritable_json_path_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code = main(["bench", "--placement", "towers", "--devices", "cpu", *TINY_ARGS, "--batch-sizes", "2",
+                 "--repeats", "1", "--warmup", "0", "--json", str(blocker / "bench.json")])
+    err = capsys.readouterr().err
+    assert code == 1 and f"could not write {blocker / 'bench.json'}" in err and "Traceback" not in err

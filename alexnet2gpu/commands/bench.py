@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from ..cli import add_model_arguments, add_placement_arguments, model_kwargs
+from ..errors import Alexnet2gpuError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,5 +89,8 @@ def run(args: argparse.Namespace) -> int:
         data = {"results": [r.to_json() for r in results], "torch": torch.__version__, "machine": machine}
         if overhead is not None:
             data["overhead"] = overhead.to_json()
-        write_json(args.json, data)
+        try:
+            write_json(args.json, data)
+        except OSError as error:
+            raise Alexnet2gpuError(f"could not write {args.json}: {error.strerror or error}") from None
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from ..cli import add_model_arguments, add_placement_arguments, model_kwargs
+from ..errors import Alexnet2gpuError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,5 +77,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json != "-":
         render_memory(report)
     if args.json:
-        write_json(args.json, report.to_json())
+        try:
+            write_json(args.json, report.to_json())
+        except OSError as error:
+            raise Alexnet2gpuError(f"could not write {args.json}: {error.strerror or error}") from None
     return 0
