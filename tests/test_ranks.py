@@ -71,7 +71,7 @@ def _check_against_towers(got: dict, steps: int, batch_size: int, dropout: float
         # The update itself, a much stricter check: a doubled or missing gradient would be
         # off by 100 %, float summation order accounts for ~1e-5.
         assert _rel(got["after"][name] - got["before"][name], after[name] - before[name]) < 1e-3, name
-    assert losses[-1] < losses[0]  # it trains
+        assert not torch.equal(got["after"][name], got["before"][name]), f"{name} was not updated"
 
 
 @pytest.mark.distributed
