@@ -70,12 +70,9 @@ def run(args: argparse.Namespace) -> int:
                                             seed=args.seed, on_repeat=bar.advance, **kwargs)
     finally:
         if env.launched:  # destroy_process_group on every exit path
-            try:
-                from ..ranks import close_distributed
-            except ImportError:
-                pass
-            else:
-                close_distributed()
+            from ..ranks import close_distributed
+
+            close_distributed()
     if not env.is_rank0:
         return 0
     machine = machine_info()

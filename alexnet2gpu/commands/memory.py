@@ -63,12 +63,9 @@ def run(args: argparse.Namespace) -> int:
                             source=args.source, seed=args.seed, snapshot=args.snapshot, **kwargs)
     finally:
         if env.launched:  # destroy_process_group on every exit path
-            try:
-                from ..ranks import close_distributed
-            except ImportError:
-                pass
-            else:
-                close_distributed()
+            from ..ranks import close_distributed
+
+            close_distributed()
     if not env.is_rank0:
         return 0
     from ..report import write_json
