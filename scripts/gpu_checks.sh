@@ -5,7 +5,8 @@
 #
 # Runs, each step under its own time limit, writing everything to OUTDIR:
 #   1. env.txt            nvidia-smi, torch and CUDA versions
-#   2. pytest-cuda.txt    the tests that need CUDA (every test named *cuda*; they skip on a CPU)
+#   2. verify.json        every placement on the GPU against the float64 reference
+#      pytest-cuda.txt    the tests that need CUDA (every test named *cuda*; they skip on a CPU)
 #   3. compare/           the whole comparison at GPU-sized batches (compare.json, .md, plots)
 #   4. estimate-*.json    the CPU memory estimator against max_memory_allocated, per device
 #   5. memory-grouped.*   one measured memory report, with a memory_viz snapshot
@@ -47,6 +48,9 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
     exit 1
 fi
 GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+
+# Every placement against the float64 reference, on the GPU (split: on two GPUs where there are two).
+step verify 60 verify.txt "${A2G[@]}" verify --json "$OUT/verify.json"
 
 step pytest-cuda 150 pytest-cuda.txt "$PY" -m pytest tests -q -rs -k "cuda" -p no:cacheprovider
 
