@@ -273,30 +273,45 @@ def estimate_memory(placed: nn.Module, model_name: str, batch_size: int, *, seed
         loss = forward_loss(placed, x, y)
     loss.backward()
     optimizer.step()
-    comm = _comm_bytes(placed)
-    p_bytes, g_bytes, o_bytes = _state_bytes(placed, optimizer, slots)
-    input_bytes = _input_slot_bytes(x, slots)
     ranks_cpu = placed.layout.placement == "ranks" and devices_of(placed)[0].type == "cpu"
+    del loss
+    return _report(
+        placed, model_name, batch_size, width, optimizer, labels, "estimated",
+        activations=accountant.bytes, peaks=None, input_bytes=_input_slot_bytes(x, slots),
+        rss_peak_bytes=_rss_peak_bytes() if ranks_cpu else None,
+        note=("estimated: accounted from the tensors of one real step on "
+              f"{','.join(sorted({str(d) for d in devices_of(placed)}))}; "
+              "peak = params + grads + optimizer + activations + input, without temporaries"),
+    )
+
+
+def _report(placed: nn.Module, model_name: str, batch_size: int, width: float, optimizer, labels: list[str],
+            source: str, *, activations: list[int], peaks: list[int] | None, input_bytes: list[int],
+            rss_peak_bytes: int | None = None, note: str) -> MemoryReport:
+    """The report for the step just run: state bytes and parameters by owner slot beside
+    the ``activations`` and ``peaks`` that the estimator or the allocator gave (``peaks``
+    None: the estimate's sum, params + grads + optimizer + activations + input); then the
+    step's gradients are dropped."""
+    slots = len(labels)
+    p_bytes, g_bytes, o_bytes = _state_bytes(placed, optimizer, slots)
+    if peaks is None:
+        peaks = [p_bytes[s] + g_bytes[s] + o_bytes[s] + activations[s] + input_bytes[s] for s in range(slots)]
     parts_of = [[n for n, _m, s in _parts(placed) if s == slot] for slot in range(slots)]
     counts = _param_counts(placed, slots)
     records = [
         DeviceMemory(
-            device=labels[s], source="estimated", params=counts[s], params_bytes=p_bytes[s], grads_bytes=g_bytes[s],
-            optimizer_bytes=o_bytes[s], activations_bytes=accountant.bytes[s],
-            peak_bytes=p_bytes[s] + g_bytes[s] + o_bytes[s] + accountant.bytes[s] + input_bytes[s],
-            input_bytes=input_bytes[s], parts=parts_of[s],
-            rss_peak_bytes=_rss_peak_bytes() if ranks_cpu else None,
+            device=labels[s], source=source, params=counts[s], params_bytes=p_bytes[s], grads_bytes=g_bytes[s],
+            optimizer_bytes=o_bytes[s], activations_bytes=activations[s], peak_bytes=peaks[s],
+            input_bytes=input_bytes[s], parts=parts_of[s], rss_peak_bytes=rss_peak_bytes,
         )
         for s in range(slots)
     ]
-    del loss, optimizer
+    comm = _comm_bytes(placed)
     placed.zero_grad(set_to_none=True)
     return MemoryReport(
         model=model_name, placement=placed.layout.placement, batch_size=batch_size,
         devices=_gather(records), comm_bytes_per_step=comm, image_size=placed.image_size, width=width,
-        note=("estimated: accounted from the tensors of one real step on "
-              f"{','.join(sorted({str(d) for d in devices_of(placed)}))}; "
-              "peak = params + grads + optimizer + activations + input, without temporaries"),
+        note=note,
     )
 
 
@@ -346,24 +361,12 @@ def measure_memory(placed: nn.Module, model_name: str, batch_size: int, *, seed:
     if snapshot:
         _dump_snapshot_atomic(snapshot)
         torch.cuda.memory._record_memory_history(enabled=None)
-    comm = _comm_bytes(placed)
-    p_bytes, g_bytes, o_bytes = _state_bytes(placed, optimizer, slots)
-    input_bytes = [_nbytes(x) if d == x.device else 0 for d in slot_devices]
-    parts_of = [[n for n, _m, s in _parts(placed) if s == slot] for slot in range(slots)]
-    counts = _param_counts(placed, slots)
-    records = [
-        DeviceMemory(
-            device=labels[s], source="measured", params=counts[s], params_bytes=p_bytes[s], grads_bytes=g_bytes[s],
-            optimizer_bytes=o_bytes[s], activations_bytes=max(0, after_forward[s] - before[s]),
-            peak_bytes=peaks[s], input_bytes=input_bytes[s], parts=parts_of[s],
-        )
-        for s in range(slots)
-    ]
-    del loss, optimizer
-    placed.zero_grad(set_to_none=True)
-    return MemoryReport(
-        model=model_name, placement=placed.layout.placement, batch_size=batch_size,
-        devices=_gather(records), comm_bytes_per_step=comm, image_size=placed.image_size, width=width,
+    del loss
+    return _report(
+        placed, model_name, batch_size, width, optimizer, labels, "measured",
+        activations=[max(0, after_forward[s] - before[s]) for s in range(slots)],
+        peaks=peaks,
+        input_bytes=[_nbytes(x) if d == x.device else 0 for d in slot_devices],
         note=("measured: torch.cuda max_memory_allocated per device over one training step after "
               "a warm-up step; activations = memory_allocated growth during the forward pass"),
     )
