@@ -6,29 +6,42 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Mapping
 
-__all__ = ["write_atomic", "fsync_directory"]
+__all__ = ["write_atomic", "write_all_atomic", "fsync_directory"]
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object], mode: int = 0o644) -> Path:
     """Calls ``write(file)`` on a temporary file beside ``path``, fsyncs it and moves it into
     place with ``os.replace``: readers see the old file or the whole new one, never a part.
     On any failure the temporary file is removed and the old file is left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    return write_all_atomic({path: write}, mode)[0]
+
+
+def write_all_atomic(writes: Mapping[str | os.PathLike, Callable[[BinaryIO], object]],
+                     mode: int = 0o644) -> list[Path]:
+    """:func:`write_atomic` for several files that belong together (a report and its
+    plots): every file is written and fsynced under a temporary name first, and only then
+    are they moved into place, so an interruption while writing leaves all the previous
+    files as they were."""
+    temps: dict[Path, str] = {}
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)  # mkstemp creates files readable by their owner alone
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        for path, write in writes.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            temps[path] = tmp
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, mode)  # mkstemp creates files readable by their owner alone
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in temps.values():
+            Path(tmp).unlink(missing_ok=True)
+    return list(temps)
 
 
 def fsync_directory(directory: str | os.PathLike) -> None:

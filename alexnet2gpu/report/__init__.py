@@ -10,7 +10,7 @@ from rich.console import Console
 
 from ..atomic import write_atomic
 
-__all__ = ["console", "fmt_int", "write_json", "write_text_atomic"]
+__all__ = ["console", "fmt_int", "fmt_mib", "write_json", "write_text_atomic"]
 
 _CONSOLE: Console | None = None
 
@@ -25,6 +25,11 @@ def console() -> Console:
 
 def fmt_int(n: int) -> str:
     return f"{n:,}"
+
+
+def fmt_mib(n: int | None) -> str:
+    """Bytes as MiB with one decimal; empty for None."""
+    return "" if n is None else f"{n / 2**20:,.1f}"
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -7,21 +7,17 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from rich.table import Table
 
+from ..atomic import write_all_atomic
 from ..compare import BASELINES, CompareReport, speedups
-from . import console, fmt_int
+from . import console, fmt_int, fmt_mib
 
 __all__ = ["FILES", "compare_markdown", "render_compare", "write_compare"]
 
 FILES = ("compare.json", "compare.md", "memory.png", "throughput.png")
-
-
-def _mib(n: int | None) -> str:
-    return "" if n is None else f"{n / 2**20:,.1f}"
 
 
 def _batch_sizes(report: CompareReport) -> list[int]:
@@ -76,9 +72,9 @@ def render_compare(report: CompareReport) -> None:
         mem.add_column(col, justify="left" if col in ("variant", "device", "source") else "right",
                        no_wrap=col == "variant")
     for v, d in _memory_rows(report):
-        source = d.source + (f"; RSS {_mib(d.rss_peak_bytes)} measured" if d.rss_peak_bytes else "")
-        mem.add_row(v.name, d.device, fmt_int(d.params), _mib(d.params_bytes), _mib(d.grads_bytes),
-                    _mib(d.optimizer_bytes), _mib(d.activations_bytes), _mib(d.peak_bytes), source)
+        source = d.source + (f"; RSS {fmt_mib(d.rss_peak_bytes)} measured" if d.rss_peak_bytes else "")
+        mem.add_row(v.name, d.device, fmt_int(d.params), fmt_mib(d.params_bytes), fmt_mib(d.grads_bytes),
+                    fmt_mib(d.optimizer_bytes), fmt_mib(d.activations_bytes), fmt_mib(d.peak_bytes), source)
     out.print(mem)
 
     sizes = _batch_sizes(report)
@@ -157,9 +153,9 @@ def compare_markdown(report: CompareReport) -> str:
         "## Parameters and memory per device (MiB, one training step)",
         "",
         _md_table(["variant", "device", "params", "param MiB", "grads", "optimizer", "activations", "peak", "source"],
-                  [[v.name, d.device, fmt_int(d.params), _mib(d.params_bytes), _mib(d.grads_bytes),
-                    _mib(d.optimizer_bytes), _mib(d.activations_bytes), _mib(d.peak_bytes),
-                    d.source + (f"; process peak RSS {_mib(d.rss_peak_bytes)} MiB measured" if d.rss_peak_bytes else "")]
+                  [[v.name, d.device, fmt_int(d.params), fmt_mib(d.params_bytes), fmt_mib(d.grads_bytes),
+                    fmt_mib(d.optimizer_bytes), fmt_mib(d.activations_bytes), fmt_mib(d.peak_bytes),
+                    d.source + (f"; process peak RSS {fmt_mib(d.rss_peak_bytes)} MiB measured" if d.rss_peak_bytes else "")]
                    for v, d in _memory_rows(report)], right_from=2),
         "",
         "## Throughput (images/s, measured)",
@@ -211,26 +207,10 @@ def write_compare(report: CompareReport, out_dir: str | os.PathLike) -> list[Pat
     from .plots import plot_memory, plot_throughput
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     writers = {
-        "compare.json": lambda f: Path(f).write_text(json.dumps(report.to_json(), indent=2) + "\n"),
-        "compare.md": lambda f: Path(f).write_text(compare_markdown(report)),
+        "compare.json": lambda f: f.write((json.dumps(report.to_json(), indent=2) + "\n").encode()),
+        "compare.md": lambda f: f.write(compare_markdown(report).encode()),
         "memory.png": lambda f: plot_memory(report, f),
         "throughput.png": lambda f: plot_throughput(report, f),
     }
-    temps: dict[str, str] = {}
-    try:
-        for name, write in writers.items():
-            fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
-            os.close(fd)
-            os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the report private
-            temps[name] = tmp
-            write(tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-        for name, tmp in temps.items():
-            os.replace(tmp, out / name)
-    finally:
-        for tmp in temps.values():
-            Path(tmp).unlink(missing_ok=True)
-    return [out / name for name in writers]
+    return write_all_atomic({out / name: write for name, write in writers.items()})

@@ -5,13 +5,9 @@ from __future__ import annotations
 from rich.table import Table
 
 from ..memory import MemoryReport
-from . import console
+from . import console, fmt_mib
 
-__all__ = ["render_memory", "mib"]
-
-
-def mib(n: int | None) -> str:
-    return "" if n is None else f"{n / 2**20:,.1f}"
+__all__ = ["render_memory"]
 
 
 def render_memory(report: MemoryReport) -> None:
@@ -31,10 +27,10 @@ def render_memory(report: MemoryReport) -> None:
     if show_rss:
         table.add_column("process peak RSS (measured)", justify="right")
     for d in report.devices:
-        row = [d.device, "+".join(d.parts), mib(d.params_bytes), mib(d.grads_bytes), mib(d.optimizer_bytes),
-               mib(d.activations_bytes), mib(d.peak_bytes), d.source]
+        row = [d.device, "+".join(d.parts), fmt_mib(d.params_bytes), fmt_mib(d.grads_bytes), fmt_mib(d.optimizer_bytes),
+               fmt_mib(d.activations_bytes), fmt_mib(d.peak_bytes), d.source]
         if show_rss:
-            row.append(mib(d.rss_peak_bytes))
+            row.append(fmt_mib(d.rss_peak_bytes))
         table.add_row(*row)
     out = console()
     out.print(table)
