@@ -42,7 +42,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -243,57 +243,22 @@ def load_optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimi
 # --------------------------------------------------------------------------- data
 
 
-class _SyntheticLoader:
-    """Synthetic batches with the loaders' interface: batch ``b`` of epoch ``e`` is
-    :func:`~alexnet2gpu.data.synthetic.synthetic_batch` at step ``e * steps + b``."""
-
-    def __init__(self, *, seed: int, global_batch: int, in_channels: int, image_size: int, num_classes: int,
-                 dp_size: int, dp_rank: int, offset: int = 0, batches: int = SYNTHETIC_EPOCH_STEPS) -> None:
-        from .data.synthetic import replica_slice
-
-        replica_slice(global_batch, dp_size, dp_rank)  # refuses a batch that does not split
-        self.kw = dict(batch_size=global_batch, in_channels=in_channels, image_size=image_size,
-                       num_classes=num_classes, dp_size=dp_size, dp_rank=dp_rank)
-        self.seed, self.offset, self.batches_per_epoch = seed, offset, batches
-        self.epoch = self.batches_done = self.start_batch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.start_batch = 0
-        self.epoch = epoch
-
-    def state_dict(self) -> dict[str, int]:
-        if self.batches_done >= self.batches_per_epoch:
-            return {"epoch": self.epoch + 1, "batches_done": 0}
-        return {"epoch": self.epoch, "batches_done": self.batches_done}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.start_batch = int(state["epoch"]), int(state["batches_done"])
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        from .data.synthetic import synthetic_batch
-
-        start, self.start_batch = self.start_batch, 0
-        for b in range(start, self.batches_per_epoch):
-            self.batches_done = b
-            batch = synthetic_batch(self.seed, self.offset + self.epoch * self.batches_per_epoch + b, **self.kw)
-            self.batches_done = b + 1
-            yield batch
-
-
 def _build_data(config: TrainConfig, image_size: int, in_channels: int, dp_size: int, dp_rank: int,
                 device: torch.device):
     """(train loader, test loader, num_classes, description, ten_crop)."""
     batch = config.hyper.batch_size
     if config.data == "synthetic":
+        from .data.synthetic import SyntheticLoader
+        from .models import DEFAULTS
+
         if config.ten_crop:
             raise ConfigError("--ten-crop needs an image folder (--data PATH)")
-        classes = config.num_classes or (1000 if config.model != "simplified" else 10)
+        classes = config.num_classes or DEFAULTS[config.model][1]
         kw = dict(seed=config.seed, global_batch=batch, in_channels=in_channels, image_size=image_size,
                   num_classes=classes, dp_size=dp_size, dp_rank=dp_rank)
-        train_loader = _SyntheticLoader(**kw)
+        train_loader = SyntheticLoader(**kw, batches=SYNTHETIC_EPOCH_STEPS)
         # Held-out batches: steps numbered from -1 downwards never appear in training.
-        test_loader = _SyntheticLoader(**kw, offset=-10**9, batches=SYNTHETIC_EVAL_BATCHES)
+        test_loader = SyntheticLoader(**kw, offset=-10**9, batches=SYNTHETIC_EVAL_BATCHES)
         return train_loader, test_loader, classes, f"synthetic N(0, 1) images, {classes} classes, seed {config.seed}", False
     if config.data != "fashion-mnist" and not Path(config.data).exists():
         raise ConfigError(f"--data {config.data}: no such folder; use fashion-mnist, synthetic or a folder "

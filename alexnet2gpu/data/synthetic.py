@@ -9,12 +9,13 @@ over the classes.
 from __future__ import annotations
 
 import hashlib
+from typing import Iterator
 
 import torch
 
 from ..errors import ConfigError
 
-__all__ = ["synthetic_batch", "replica_slice"]
+__all__ = ["SyntheticLoader", "synthetic_batch", "replica_slice"]
 
 
 def _step_seed(seed: int, step: int) -> int:
@@ -51,3 +52,38 @@ def synthetic_batch(
     x = torch.randn(batch_size, in_channels, image_size, image_size, generator=generator)
     y = torch.randint(0, num_classes, (batch_size,), generator=generator)
     return x[rows].contiguous(), y[rows].contiguous()
+
+
+class SyntheticLoader:
+    """Synthetic batches with the interface of :class:`~alexnet2gpu.data.loaders.EpochLoader`
+    (``set_epoch``, ``state_dict``, ``load_state_dict``): batch ``b`` of epoch ``e`` is
+    :func:`synthetic_batch` at step ``offset + e * batches + b``."""
+
+    def __init__(self, *, seed: int, global_batch: int, in_channels: int, image_size: int, num_classes: int,
+                 dp_size: int, dp_rank: int, batches: int, offset: int = 0) -> None:
+        replica_slice(global_batch, dp_size, dp_rank)  # refuses a batch that does not split
+        self.kw = dict(batch_size=global_batch, in_channels=in_channels, image_size=image_size,
+                       num_classes=num_classes, dp_size=dp_size, dp_rank=dp_rank)
+        self.seed, self.offset, self.batches_per_epoch = seed, offset, batches
+        self.epoch = self.batches_done = self.start_batch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.start_batch = 0
+        self.epoch = epoch
+
+    def state_dict(self) -> dict[str, int]:
+        if self.batches_done >= self.batches_per_epoch:
+            return {"epoch": self.epoch + 1, "batches_done": 0}
+        return {"epoch": self.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.start_batch = int(state["epoch"]), int(state["batches_done"])
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        start, self.start_batch = self.start_batch, 0
+        for b in range(start, self.batches_per_epoch):
+            self.batches_done = b
+            batch = synthetic_batch(self.seed, self.offset + self.epoch * self.batches_per_epoch + b, **self.kw)
+            self.batches_done = b + 1
+            yield batch
