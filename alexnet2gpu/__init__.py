@@ -7,10 +7,16 @@ single-stream net that textbooks teach.
     >>> placed.layout.placement, placed.layout.reason
 """
 
-from .convert import from_grouped_state_dict, to_grouped_state_dict
 from .errors import Alexnet2gpuError, ConfigError
-from .models import MODEL_NAMES, build_model, seed_dropout, smallest_image_size
-from .placement import PLACEMENTS, Layout, place
+from .models import (
+    MODEL_NAMES,
+    build_model,
+    from_grouped_state_dict,
+    seed_dropout,
+    smallest_image_size,
+    to_grouped_state_dict,
+)
+from .parallel import PLACEMENTS, Layout, place
 
 __all__ = [
     "MODEL_NAMES",

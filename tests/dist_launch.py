@@ -13,23 +13,35 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def torchrun_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra)
     return env
 
 
-def run_torchrun(nproc: int, args: list[str], *, timeout: float = 120, torchrun_args=(),
-                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_torchrun(
+    nproc: int, args: list[str], *, timeout: float = 120, torchrun_args=(), env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run --standalone --nproc-per-node N *args``."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           *torchrun_args, *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        *torchrun_args,
+        *args,
+    ]
     return run_killing_group(cmd, timeout=timeout, env=env or torchrun_env())
 
 
 def run_killing_group(cmd: list[str], *, timeout: float, env: dict[str, str]) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -3,7 +3,6 @@ under the `ranks` placement on synthetic batches; rank 0 saves the per-step loss
 weights before and after, and the exchange bytes summed over all ranks."""
 
 import argparse
-import os
 import sys
 
 import torch
@@ -12,8 +11,7 @@ import torch.distributed as dist
 from alexnet2gpu import build_model, place, seed_dropout
 from alexnet2gpu.data.synthetic import synthetic_batch
 from alexnet2gpu.models import init_xavier_
-from alexnet2gpu.ranks import close_distributed, full_state_dict
-from alexnet2gpu.step import forward_loss
+from alexnet2gpu.parallel import close_distributed, forward_loss, full_state_dict
 
 
 def main() -> None:
@@ -26,24 +24,34 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--weights", action=argparse.BooleanOptionalAction, default=True,
-                   help="gather the weights before and after (slow at full width)")
+    p.add_argument(
+        "--weights",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="gather the weights before and after (slow at full width)",
+    )
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
-    model = build_model("dual", width=args.width, image_size=args.image_size, num_classes=10,
-                        dropout=args.dropout)
+    model = build_model("dual", width=args.width, image_size=args.image_size, num_classes=10, dropout=args.dropout)
     init_xavier_(model)  # larger gradients than N(0, 0.01), so a wrong gradient shows
     try:
         placed = place(model, "ranks", devices="cpu")
-        seed_dropout(placed, args.seed, replica=placed.dp_rank)
+        seed_dropout(placed, args.seed, replica=placed.layout.replica)
         optimizer = torch.optim.SGD(placed.parameters(), lr=args.lr, momentum=0.9)
         before = full_state_dict(placed) if args.weights else {}
         losses = []
         for step in range(args.steps):
-            x, y = synthetic_batch(args.seed, step, args.batch_size, in_channels=3,
-                                   image_size=args.image_size, num_classes=10,
-                                   dp_size=placed.layout.dp_size, dp_rank=placed.dp_rank)
+            x, y = synthetic_batch(
+                args.seed,
+                step,
+                args.batch_size,
+                in_channels=3,
+                image_size=args.image_size,
+                num_classes=10,
+                dp_size=placed.layout.dp_size,
+                dp_rank=placed.layout.replica,
+            )
             loss = forward_loss(placed, x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -52,14 +60,24 @@ def main() -> None:
             dist.all_reduce(value)
             losses.append(float(value) / placed.layout.dp_size)
         after = full_state_dict(placed) if args.weights else {}
-        sent = torch.tensor([placed.exchange_counter.bytes, placed.exchange_counter.bytes * (placed.tower_rank == 0)],
-                            dtype=torch.float64)
+        sent = torch.tensor(
+            [placed.exchange_counter.bytes, placed.exchange_counter.bytes * (placed.tower_rank == 0)],
+            dtype=torch.float64,
+        )
         dist.all_reduce(sent)
         if dist.get_rank() == 0:
-            torch.save({"losses": losses, "before": before, "after": after,
-                        "exchange_bytes": int(sent[0]), "exchange_bytes_tower0": int(sent[1]),
-                        "world_size": dist.get_world_size(), "parameters_here": sum(p.numel() for p in placed.parameters())},
-                       args.out)
+            torch.save(
+                {
+                    "losses": losses,
+                    "before": before,
+                    "after": after,
+                    "exchange_bytes": int(sent[0]),
+                    "exchange_bytes_tower0": int(sent[1]),
+                    "world_size": dist.get_world_size(),
+                    "parameters_here": sum(p.numel() for p in placed.parameters()),
+                },
+                args.out,
+            )
     except BaseException:
         close_distributed()
         raise

@@ -10,12 +10,17 @@ import pytest
 import torch
 
 from alexnet2gpu import Alexnet2gpuError, ConfigError, build_model, place
-from alexnet2gpu import bench as bench_mod
-from alexnet2gpu.bench import (
-    bench_placed, measure_overhead, parse_batch_sizes, run_bench, synchronize, time_repeats,
-)
 from alexnet2gpu.cli import main
-from alexnet2gpu.memory import estimate_memory, largest_batch_that_fits
+from alexnet2gpu.measure import bench as bench_mod
+from alexnet2gpu.measure.bench import (
+    bench_placed,
+    measure_overhead,
+    parse_batch_sizes,
+    run_bench,
+    synchronize,
+    time_repeats,
+)
+from alexnet2gpu.measure.memory import estimate_memory, largest_batch_that_fits
 
 from .conftest import TINY
 
@@ -85,8 +90,26 @@ def test_bench_trains_the_weights():
 
 def test_bench_json_has_issue_4_keys(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code = main(["bench", "--model", "simplified", *TINY_ARGS[:2], "--image-size", "65", "--batch-sizes", "2",
-                 "--repeats", "1", "--warmup", "0", "--threads", "1", "--json", str(out)])
+    code = main(
+        [
+            "bench",
+            "--model",
+            "simplified",
+            *TINY_ARGS[:2],
+            "--image-size",
+            "65",
+            "--batch-sizes",
+            "2",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     data = json.loads(out.read_text())
     assert {"results", "torch", "machine"} <= data.keys() and data["torch"] == torch.__version__
@@ -94,7 +117,7 @@ def test_bench_json_has_issue_4_keys(tmp_path, capsys):
     assert len(data["results"]) == 2
     for row in data["results"]:
         assert required <= row.keys()
-        assert row["model"] == "simplified" and row["placement"] == "towers" and row["device"] == "cpu"
+        assert row["model"] == "simplified" and row["placement"] == "single" and row["device"] == "cpu"
     assert "throughput, measured" in capsys.readouterr().out
 
 
@@ -107,8 +130,9 @@ def test_harness_overhead_is_measured_against_a_plain_loop():
     assert result.overhead_cpu == pytest.approx(result.harness_cpu_s_per_step / result.plain_cpu_s_per_step - 1)
 
 
-OOM_TEXT = ("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 6.00 MiB "
-            "of which 0 bytes is free.")
+OOM_TEXT = (
+    "CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 6.00 MiB of which 0 bytes is free."
+)
 
 
 def _raise_oom(*_args, **_kwargs):
@@ -124,16 +148,19 @@ def test_out_of_memory_names_device_batch_and_the_largest_batch_that_fits(monkey
     fits, _fixed, _per_image = largest_batch_that_fits("dual", "towers", 6 * 2**20, **TINY)
     assert "cuda:0" in message and "batch size 64" in message and f"batch {fits} is the largest" in message
     assert fits >= 1
+
     # ... and the estimate agrees: batch `fits` fits in 6 MiB, one more does not.
     def peak(b):
         return estimate_memory(place(build_model("dual", **TINY), "towers", "cpu"), "dual", b).devices[0].peak_bytes
+
     assert peak(fits) <= 6 * 2**20 < peak(fits + 1)
 
 
 def test_out_of_memory_on_the_command_line_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(bench_mod, "train_step", _raise_oom)
-    code = main(["bench", "--placement", "towers", "--devices", "cpu", *TINY_ARGS, "--batch-sizes", "16",
-                 "--mode", "train"])
+    code = main(
+        ["bench", "--placement", "towers", "--devices", "cpu", *TINY_ARGS, "--batch-sizes", "16", "--mode", "train"]
+    )
     err = capsys.readouterr().err
     assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "out of memory on cuda:0 at batch size 16" in err and "largest that fits" in err
@@ -154,7 +181,23 @@ def test_bench_split_on_two_cuda_devices():
 def test_an_unwritable_json_path_is_one_line(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    code = main(["bench", "--placement", "towers", "--devices", "cpu", *TINY_ARGS, "--batch-sizes", "2",
-                 "--repeats", "1", "--warmup", "0", "--json", str(blocker / "bench.json")])
+    code = main(
+        [
+            "bench",
+            "--placement",
+            "towers",
+            "--devices",
+            "cpu",
+            *TINY_ARGS,
+            "--batch-sizes",
+            "2",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+            str(blocker / "bench.json"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and f"could not write {blocker / 'bench.json'}" in err and "Traceback" not in err

@@ -17,16 +17,15 @@ import pytest
 import torch
 
 from alexnet2gpu import build_model
-from alexnet2gpu.checkpoint import (
-    capture_rng_state,
+from alexnet2gpu.errors import CheckpointError, ConfigError
+from alexnet2gpu.io.checkpoints import (
     checkpoint_path,
     load_checkpoint,
     newest_checkpoint,
-    restore_rng_state,
     save_checkpoint,
     save_in_directory,
 )
-from alexnet2gpu.errors import CheckpointError, ConfigError
+from alexnet2gpu.train.checkpointing import capture_rng_state, restore_rng_state
 
 
 def _state(step: int, n: int = 16) -> dict:
@@ -144,7 +143,7 @@ def test_newest_valid_checkpoint_and_keep(tmp_path):
 _WRITER = textwrap.dedent(
     """
     import sys, torch
-    from alexnet2gpu.checkpoint import save_in_directory
+    from alexnet2gpu.io.checkpoints import save_in_directory
     directory = sys.argv[1]
     for step in range(1, 10_000):
         save_in_directory(directory, step, {"step": step, "w": torch.full((8_000_000,), float(step))}, keep=2)
@@ -236,8 +235,9 @@ def test_data_position_and_rng_resume_a_training_run_bit_for_bit(tmp_path):
         torch.manual_seed(0)
         model = build_model("dual", width=1 / 16, image_size=64, num_classes=10).train()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-        loader = build_loaders("fashion-mnist", image_size=64, in_channels=3, global_batch=8, seed=7,
-                               data_dir=folder).train
+        loader = build_loaders(
+            "fashion-mnist", image_size=64, in_channels=3, global_batch=8, seed=7, data_dir=folder
+        ).train
         step, losses = 0, []
         if resume_from is not None:
             state = load_checkpoint(resume_from)
@@ -256,9 +256,17 @@ def test_data_position_and_rng_resume_a_training_run_bit_for_bit(tmp_path):
                 losses.append(loss.item())
                 step += 1
                 if step == stop_at:
-                    save_in_directory(tmp_path / "ckpt", step, {
-                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "rng": capture_rng_state(model), "data": loader.state_dict(), "step": step})
+                    save_in_directory(
+                        tmp_path / "ckpt",
+                        step,
+                        {
+                            "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "rng": capture_rng_state(model),
+                            "data": loader.state_dict(),
+                            "step": step,
+                        },
+                    )
                     return losses, model
                 if step == steps:
                     break

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from alexnet2gpu.cli import main
 
@@ -19,9 +18,11 @@ def test_summary_split_plans_without_a_gpu(capsys):
     record = run_json(capsys, "summary", "--model", "dual", "--placement", "split", "--json", "-")
     assert record["model"] == "dual" and record["placement"] == "split"
     assert record["params_total"] == 60_965_224
-    assert record["params_per_device"] == [{"device": "cuda:0", "params": 32_531_112},
-                                           {"device": "cuda:1", "params": 28_434_112}]
-    layers = {l["name"]: l for l in record["layers"]}
+    assert record["params_per_device"] == [
+        {"device": "cuda:0", "params": 32_531_112},
+        {"device": "cuda:1", "params": 28_434_112},
+    ]
+    layers = {layer["name"]: layer for layer in record["layers"]}
     assert layers["tower_b.conv1"]["device"] == "cuda:1" and layers["tower_b.conv1"]["output_shape"] == [1, 48, 55, 55]
     assert layers["fc8"]["device"] == "cuda:0" and layers["fc8"]["params"] == 4_097_000
     assert set(record["layers"][0]) == {"name", "kind", "device", "output_shape", "params"}
@@ -29,9 +30,21 @@ def test_summary_split_plans_without_a_gpu(capsys):
 
 def test_summary_of_simplified_is_the_seeds_printout(capsys):
     record = run_json(capsys, "summary", "--model", "simplified", "--json", "-")
-    shapes = [l["output_shape"] for l in record["layers"] if l["kind"] not in ("ReLU", "Dropout")]
-    assert shapes == [[1, 96, 54, 54], [1, 96, 26, 26], [1, 256, 26, 26], [1, 256, 12, 12], [1, 384, 12, 12],
-                      [1, 384, 12, 12], [1, 256, 12, 12], [1, 256, 5, 5], [1, 6400], [1, 4096], [1, 4096], [1, 10]]
+    shapes = [layer["output_shape"] for layer in record["layers"] if layer["kind"] not in ("ReLU", "Dropout")]
+    assert shapes == [
+        [1, 96, 54, 54],
+        [1, 96, 26, 26],
+        [1, 256, 26, 26],
+        [1, 256, 12, 12],
+        [1, 384, 12, 12],
+        [1, 384, 12, 12],
+        [1, 256, 12, 12],
+        [1, 256, 5, 5],
+        [1, 6400],
+        [1, 4096],
+        [1, 4096],
+        [1, 10],
+    ]
     assert record["params_total"] == 46_764_746
 
 
@@ -50,7 +63,7 @@ def test_verify_passes_here(capsys):
 
 
 def test_verify_fails_on_a_mismatch(capsys, monkeypatch):
-    from alexnet2gpu.placement import GroupedDualAlexNet
+    from alexnet2gpu.parallel.grouped import GroupedDualAlexNet
 
     real = GroupedDualAlexNet.forward
     monkeypatch.setattr(GroupedDualAlexNet, "forward", lambda self, x: real(self, x) * 1.001)
@@ -59,13 +72,16 @@ def test_verify_fails_on_a_mismatch(capsys, monkeypatch):
     assert "MISMATCH in grouped" in out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["summary", "--image-size", "50"], "image size 50 is too small for 'dual': the smallest that works is 64"),
-    (["summary", "--placement", "split", "--devices", "cpu"], "placement 'split' takes 2 device(s), got 1"),
-    (["summary", "--devices", "gpu7"], "'gpu7' is not a device"),
-    (["summary", "--model", "simplified", "--placement", "split"], "a single-stream net runs on one device"),
-    (["summary", "--width", "-1"], "width must be positive, got -1.0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["summary", "--image-size", "50"], "image size 50 is too small for 'dual': the smallest that works is 64"),
+        (["summary", "--placement", "split", "--devices", "cpu"], "placement 'split' takes 2 device(s), got 1"),
+        (["summary", "--devices", "gpu7"], "'gpu7' is not a device"),
+        (["summary", "--model", "simplified", "--placement", "split"], "a single-stream net runs on one device"),
+        (["summary", "--width", "-1"], "width must be positive, got -1.0"),
+    ],
+)
 def test_bad_flags_are_one_line_exit_2(capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -83,7 +99,11 @@ def test_unknown_model_is_argparse_exit_2(capsys):
 
 
 def test_python_dash_m_works():
-    result = subprocess.run([sys.executable, "-m", "alexnet2gpu", "summary", "--model", "simplified",
-                             "--width", "0.0625", "--json", "-"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "alexnet2gpu", "summary", "--model", "simplified", "--width", "0.0625", "--json", "-"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["model"] == "simplified"

@@ -9,16 +9,28 @@ import json
 import pytest
 import torch
 
-from alexnet2gpu import bench as bench_mod
-from alexnet2gpu import compare as compare_mod
 from alexnet2gpu.cli import main
-from alexnet2gpu.compare import CompareConfig, run_compare, speedups
+from alexnet2gpu.measure import bench as bench_mod
+from alexnet2gpu.measure import compare as compare_mod
+from alexnet2gpu.measure.compare import CompareConfig, run_compare, speedups
 from alexnet2gpu.report import compare as report_compare
 from alexnet2gpu.report import plots
 
 TINY = dict(width=1 / 16, image_size=67, batch_sizes=[2, 4], memory_batch_size=4, repeats=1, warmup=0)
-TINY_ARGS = ["--width", "0.0625", "--image-size", "67", "--batch-sizes", "2,4", "--memory-batch-size", "4",
-             "--repeats", "1", "--warmup", "0"]
+TINY_ARGS = [
+    "--width",
+    "0.0625",
+    "--image-size",
+    "67",
+    "--batch-sizes",
+    "2,4",
+    "--memory-batch-size",
+    "4",
+    "--repeats",
+    "1",
+    "--warmup",
+    "0",
+]
 LOCAL = ["simplified", "dual/towers", "dual/grouped", "dual/split", "half", "torchvision"]
 
 
@@ -46,8 +58,9 @@ def test_speedups_are_ratios_of_the_measured_rates(report):
     rows = speedups(report.variants)
     rate = {(v.name, r.mode, r.batch_size): r.images_per_s for v in report.variants for r in v.results}
     for row in rows:
-        assert row["speedup"] == pytest.approx(rate[row["name"], row["mode"], row["batch_size"]]
-                                               / rate[row["vs"], row["mode"], row["batch_size"]])
+        assert row["speedup"] == pytest.approx(
+            rate[row["name"], row["mode"], row["batch_size"]] / rate[row["vs"], row["mode"], row["batch_size"]]
+        )
     assert {(row["vs"]) for row in rows} == {"simplified", "dual/towers"}
     assert all(row["speedup"] == 1.0 for row in rows if row["name"] == row["vs"])
 
@@ -107,12 +120,15 @@ def test_out_of_memory_in_compare_is_one_line(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "compare.json").exists()
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["--variants", "dual/nowhere"], "unknown variant 'dual/nowhere'"),
-    (["--batch-sizes", "0"], "batch sizes"),
-    (["--repeats", "0"], "repeats"),
-    (["--threads", "-1"], "threads"),
-])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--variants", "dual/nowhere"], "unknown variant 'dual/nowhere'"),
+        (["--batch-sizes", "0"], "batch sizes"),
+        (["--repeats", "0"], "repeats"),
+        (["--threads", "-1"], "threads"),
+    ],
+)
 def test_bad_compare_flags_are_usage_errors(args, fragment, tmp_path, capsys):
     assert main(["compare", *args, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -138,7 +154,10 @@ def test_compare_launches_ranks_itself_and_counts_the_same_bytes_as_split(tmp_pa
 
 def test_ranks_job_failure_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(compare_mod, "_size_flags", lambda config: ["--width", "0.0625", "--image-size", "3"])
-    with pytest.raises(compare_mod.Alexnet2gpuError, match="dual/ranks torchrun job failed: exit 1: alexnet2gpu bench: error: image size 3 is too small"):
+    with pytest.raises(
+        compare_mod.Alexnet2gpuError,
+        match="dual/ranks torchrun job failed: exit 1: alexnet2gpu bench: error: image size 3 is too small",
+    ):
         compare_mod._run_ranks(CompareConfig(variants=["dual/ranks"], overhead=False, **TINY))
 
 
@@ -148,8 +167,21 @@ def test_compare_under_torchrun_measures_ranks_in_its_own_processes(tmp_path):
     on with the rest and writes the report; no worker is left behind."""
     from .dist_launch import run_torchrun
 
-    result = run_torchrun(2, ["-m", "alexnet2gpu", "compare", *TINY_ARGS, "--variants", "simplified,dual/ranks",
-                              "--no-overhead", "--out", str(tmp_path)], timeout=180)
+    result = run_torchrun(
+        2,
+        [
+            "-m",
+            "alexnet2gpu",
+            "compare",
+            *TINY_ARGS,
+            "--variants",
+            "simplified,dual/ranks",
+            "--no-overhead",
+            "--out",
+            str(tmp_path),
+        ],
+        timeout=180,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert not result.orphans
     data = json.loads((tmp_path / "compare.json").read_text())

@@ -17,8 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from alexnet2gpu.data import build_loaders, load_image, read_idx, ten_crop_predict
-from alexnet2gpu.data import fashion_mnist
+from alexnet2gpu.data import build_loaders, fashion_mnist, load_image, read_idx, ten_crop_predict
 from alexnet2gpu.data.fashion_mnist import DEBIAN_DIR, FashionMNIST, ResizeBatch
 from alexnet2gpu.data.imagefolder import IMAGENET_EIGENVALUES, IMAGENET_EIGENVECTORS, PCALighting
 from alexnet2gpu.errors import ConfigError, DataError
@@ -56,8 +55,10 @@ def test_reads_plain_and_gzipped_idx(tmp_path):
         assert got.dtype == torch.uint8 and torch.equal(got, torch.from_numpy(array))
 
 
-@pytest.mark.skipif(not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file(),
-                    reason="the Debian package dataset-fashion-mnist is not installed")
+@pytest.mark.skipif(
+    not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file(),
+    reason="the Debian package dataset-fashion-mnist is not installed",
+)
 def test_debian_package_files():
     train, test = FashionMNIST("train"), FashionMNIST("test")
     assert train.images.shape == (60000, 28, 28) and test.images.shape == (10000, 28, 28)
@@ -69,8 +70,10 @@ def _bad_files(folder: Path) -> dict[str, tuple[str, str]]:
     return {
         "wrong magic": ("train-images-idx3-ubyte.gz", r"magic number 0x00000801, not 0x00000803"),
         "truncated": ("train-images-idx3-ubyte.gz", r"is truncated: its header gives shape \[40, 28, 28\]"),
-        "counts disagree": ("train-labels-idx1-ubyte.gz",
-                            r"holds 40 images but .*train-labels-idx1-ubyte.gz holds 39 labels"),
+        "counts disagree": (
+            "train-labels-idx1-ubyte.gz",
+            r"holds 40 images but .*train-labels-idx1-ubyte.gz holds 39 labels",
+        ),
         "label out of range": ("train-labels-idx1-ubyte.gz", r"label 10 at index 5 is outside 0-9"),
         "empty": ("train-images-idx3-ubyte.gz", r"train-images-idx3-ubyte.gz is empty"),
         "gz that is not gzip": ("train-images-idx3-ubyte.gz", r"is named .gz but is not a gzip file"),
@@ -140,8 +143,14 @@ def test_download_failure_is_one_clear_line(tmp_path, monkeypatch):
 @st.composite
 def idx_files(draw):
     ndim = draw(st.integers(0, 4))
-    header = bytes([draw(st.sampled_from([0, 0, 0, 1])), draw(st.sampled_from([0, 0, 0, 7])),
-                    draw(st.sampled_from([0x08, 0x08, 0x09, 0x0D])), ndim])
+    header = bytes(
+        [
+            draw(st.sampled_from([0, 0, 0, 1])),
+            draw(st.sampled_from([0, 0, 0, 7])),
+            draw(st.sampled_from([0x08, 0x08, 0x09, 0x0D])),
+            ndim,
+        ]
+    )
     shape = draw(st.lists(st.integers(0, 6), min_size=ndim, max_size=ndim))
     size = int(np.prod(shape)) if shape else 1
     length = draw(st.one_of(st.just(size), st.integers(0, size + 5)))
@@ -161,8 +170,8 @@ def test_reader_returns_the_array_or_a_clear_error(case):
         path.write_bytes(gzip.compress(data) if gz else data)
         valid_header = len(data) >= 4 + 4 * want_ndim and data[:4] == bytes([0, 0, 0x08, want_ndim])
         if valid_header:
-            shape = struct.unpack(f">{want_ndim}I", data[4:4 + 4 * want_ndim])
-            body = data[4 + 4 * want_ndim:]
+            shape = struct.unpack(f">{want_ndim}I", data[4 : 4 + 4 * want_ndim])
+            body = data[4 + 4 * want_ndim :]
             valid = len(body) == int(np.prod(shape))
         else:
             valid = False
@@ -241,12 +250,12 @@ def test_resumed_loader_sees_the_same_batches(tmp_path, stop_after, workers):  #
 
 def test_train_subset(tmp_path):
     folder = write_fashion(tmp_path / "fm", n_train=40)
-    loaders = build_loaders("fashion-mnist", image_size=28, in_channels=1, global_batch=4, data_dir=folder,
-                            train_subset=10)
+    loaders = build_loaders(
+        "fashion-mnist", image_size=28, in_channels=1, global_batch=4, data_dir=folder, train_subset=10
+    )
     assert len(loaders.train.dataset) == 10 and len(loaders.test.dataset) == 12
     with pytest.raises(ConfigError, match="--train-subset 41 must be between 1 and 40"):
-        build_loaders("fashion-mnist", image_size=28, in_channels=1, global_batch=4, data_dir=folder,
-                      train_subset=41)
+        build_loaders("fashion-mnist", image_size=28, in_channels=1, global_batch=4, data_dir=folder, train_subset=41)
 
 
 # --------------------------------------------------------------------------- image folders
@@ -284,8 +293,10 @@ def test_folder_batches_and_ten_crop(tmp_path):
 
 def test_augmentation_is_a_function_of_seed_epoch_and_image(tmp_path):
     root = write_folder(tmp_path / "imgs")
-    datasets = [build_loaders(root, image_size=64, in_channels=3, global_batch=2, num_workers=0, seed=s).train.dataset
-                for s in (0, 0, 1)]
+    datasets = [
+        build_loaders(root, image_size=64, in_channels=3, global_batch=2, num_workers=0, seed=s).train.dataset
+        for s in (0, 0, 1)
+    ]
     a, b, other_seed = (d[(0, 2)][0] for d in datasets)
     assert torch.equal(a, b) and not torch.equal(a, other_seed)
     assert not torch.equal(datasets[0][(0, 2)][0], datasets[0][(1, 2)][0])  # next epoch, new crop
@@ -305,17 +316,22 @@ def test_pca_lighting_adds_the_published_colour_shift():
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height: a decompression bomb as PIL sees it."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data  # noqa: E731
-                                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
-@pytest.mark.parametrize("case,pattern", [
-    ("not an image", r"is not an image that PIL can read"),
-    ("truncated", r"is truncated or damaged: "),
-    ("bomb", r"is refused as a possible decompression bomb: [\d,]+ pixels, over PIL's limit"),
-    ("over the warning limit", r"is refused as a possible decompression bomb: [\d,]+ pixels, over PIL's limit"),
-])
+@pytest.mark.parametrize(
+    "case,pattern",
+    [
+        ("not an image", r"is not an image that PIL can read"),
+        ("truncated", r"is truncated or damaged: "),
+        ("bomb", r"is refused as a possible decompression bomb: [\d,]+ pixels, over PIL's limit"),
+        ("over the warning limit", r"is refused as a possible decompression bomb: [\d,]+ pixels, over PIL's limit"),
+    ],
+)
 def test_bad_images_name_the_file(tmp_path, case, pattern):
     root = write_folder(tmp_path / "imgs")
     bad = root / "train" / "dog" / "1.jpg"

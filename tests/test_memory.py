@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from alexnet2gpu import ConfigError, build_model, place
-from alexnet2gpu import memory as memory_mod
 from alexnet2gpu.cli import main
-from alexnet2gpu.memory import estimate_memory, run_memory
+from alexnet2gpu.measure import memory as memory_mod
+from alexnet2gpu.measure.memory import estimate_memory, run_memory
 
 from .conftest import TINY
 from .dist_launch import run_torchrun
@@ -32,8 +32,9 @@ def test_split_exchanges_468992_bytes_per_image_and_owns_the_design_parameters()
     for d in report.devices:  # float32 gradients and one momentum buffer per parameter
         assert d.params_bytes == d.grads_bytes == d.optimizer_bytes == 4 * d.params
         assert d.source == "estimated"
-        assert d.peak_bytes == (d.params_bytes + d.grads_bytes + d.optimizer_bytes + d.activations_bytes
-                                + d.input_bytes)
+        assert d.peak_bytes == (
+            d.params_bytes + d.grads_bytes + d.optimizer_bytes + d.activations_bytes + d.input_bytes
+        )
 
 
 @pytest.mark.full_size
@@ -52,8 +53,9 @@ def test_one_device_placements_exchange_nothing(placement, devices):
 
 
 def test_activations_grow_linearly_with_the_batch():
-    a2, a4, a6 = (run_memory("dual", "towers", "cpu", batch_size=b, **TINY).devices[0].activations_bytes
-                  for b in (2, 4, 6))
+    a2, a4, a6 = (
+        run_memory("dual", "towers", "cpu", batch_size=b, **TINY).devices[0].activations_bytes for b in (2, 4, 6)
+    )
     assert a2 > 0 and a6 - a4 == a4 - a2  # exactly affine: the OOM advice extrapolates this line
     assert abs(2 * a2 - a4) <= 16  # and all but a few scalars grow with the batch
 
@@ -74,15 +76,33 @@ def test_activations_are_charged_to_the_tower_that_saved_them():
 
 
 def test_parameters_are_not_counted_as_activations():
-    report = run_memory("simplified", "towers", "cpu", batch_size=1, width=1 / 16, image_size=65)
+    report = run_memory("simplified", "single", "cpu", batch_size=1, width=1 / 16, image_size=65)
     d = report.devices[0]
     assert d.activations_bytes < d.params_bytes  # the fc weights alone are larger
 
 
 def test_memory_json_has_issue_4_keys(tmp_path):
     out = tmp_path / "memory.json"
-    assert main(["memory", "--placement", "split", "--devices", "cpu,cpu", "--width", "0.0625",
-                 "--image-size", "64", "--batch-size", "2", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "memory",
+                "--placement",
+                "split",
+                "--devices",
+                "cpu,cpu",
+                "--width",
+                "0.0625",
+                "--image-size",
+                "64",
+                "--batch-size",
+                "2",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     data = json.loads(out.read_text())
     assert {"model", "placement", "batch_size", "devices", "comm_bytes_per_step"} <= data.keys()
     keys = {"device", "source", "params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "peak_bytes"}
@@ -100,8 +120,21 @@ def test_measured_memory_needs_cuda():
 def test_snapshot_without_cuda_is_a_usage_error(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    code = main(["memory", "--placement", "towers", "--devices", "cpu", "--width", "0.0625", "--image-size", "64",
-                 "--snapshot", str(tmp_path / "s.pickle")])
+    code = main(
+        [
+            "memory",
+            "--placement",
+            "towers",
+            "--devices",
+            "cpu",
+            "--width",
+            "0.0625",
+            "--image-size",
+            "64",
+            "--snapshot",
+            str(tmp_path / "s.pickle"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "--snapshot" in err and "Traceback" not in err
     assert not (tmp_path / "s.pickle").exists()
@@ -117,8 +150,21 @@ def test_out_of_memory_in_memory_command(monkeypatch, capsys):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(memory_mod, "estimate_memory", oom_once)
-    code = main(["memory", "--placement", "towers", "--devices", "cpu", "--width", "0.0625", "--image-size", "64",
-                 "--batch-size", "512"])
+    code = main(
+        [
+            "memory",
+            "--placement",
+            "towers",
+            "--devices",
+            "cpu",
+            "--width",
+            "0.0625",
+            "--image-size",
+            "64",
+            "--batch-size",
+            "512",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "out of memory on cuda:1 at batch size 512" in err and "Traceback" not in err
     assert "is the largest that fits in its 6.00 MiB" in err and len(err.strip().splitlines()) == 1
@@ -130,8 +176,23 @@ def test_ranks_exchanges_468992_bytes_per_image(tmp_path):
     """Two processes on gloo, the real net: the same bytes as split, each rank owning its
     tower's parameters, with its peak RSS measured."""
     out = tmp_path / "ranks.json"
-    result = run_torchrun(2, ["-m", "alexnet2gpu", "memory", "--placement", "ranks", "--batch-size", "2",
-                              "--threads", "1", "--json", str(out)], timeout=240)
+    result = run_torchrun(
+        2,
+        [
+            "-m",
+            "alexnet2gpu",
+            "memory",
+            "--placement",
+            "ranks",
+            "--batch-size",
+            "2",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ],
+        timeout=240,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["placement"] == "ranks" and data["comm_bytes_per_step"] == 2 * BYTES_PER_IMAGE

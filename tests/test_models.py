@@ -34,9 +34,14 @@ def test_dual_shapes_match_caffe_grouped_layout():
         model = build_model("dual")
     shapes = {k: list(v.shape) for k, v in to_grouped_state_dict(model.state_dict()).items() if k.endswith("weight")}
     assert shapes == {
-        "conv1.weight": [96, 3, 11, 11], "conv2.weight": [256, 48, 5, 5], "conv3.weight": [384, 256, 3, 3],
-        "conv4.weight": [384, 192, 3, 3], "conv5.weight": [256, 192, 3, 3], "fc6.weight": [4096, 9216],
-        "fc7.weight": [4096, 4096], "fc8.weight": [1000, 4096],
+        "conv1.weight": [96, 3, 11, 11],
+        "conv2.weight": [256, 48, 5, 5],
+        "conv3.weight": [384, 256, 3, 3],
+        "conv4.weight": [384, 192, 3, 3],
+        "conv5.weight": [256, 192, 3, 3],
+        "fc6.weight": [4096, 9216],
+        "fc7.weight": [4096, 4096],
+        "fc8.weight": [1000, 4096],
     }
 
 
@@ -49,8 +54,18 @@ def test_simplified_layer_shapes_are_the_seeds():
         if not isinstance(layer, (torch.nn.ReLU, torch.nn.Dropout)):
             shapes.append(list(x.shape))
     assert shapes == [
-        [1, 96, 54, 54], [1, 96, 26, 26], [1, 256, 26, 26], [1, 256, 12, 12], [1, 384, 12, 12],
-        [1, 384, 12, 12], [1, 256, 12, 12], [1, 256, 5, 5], [1, 6400], [1, 4096], [1, 4096], [1, 10],
+        [1, 96, 54, 54],
+        [1, 96, 26, 26],
+        [1, 256, 26, 26],
+        [1, 256, 12, 12],
+        [1, 384, 12, 12],
+        [1, 384, 12, 12],
+        [1, 256, 12, 12],
+        [1, 256, 5, 5],
+        [1, 6400],
+        [1, 4096],
+        [1, 4096],
+        [1, 10],
     ]
 
 
@@ -92,11 +107,14 @@ def test_paper_initialisation():
     assert abs(a.fc6.weight.mean().item()) < 5e-4
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"width": 0}, "width must be positive"),
-    ({"num_classes": 0}, "num_classes must be at least 1"),
-    ({"dropout": 1.0}, "dropout must be in"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"width": 0}, "width must be positive"),
+        ({"num_classes": 0}, "num_classes must be at least 1"),
+        ({"dropout": 1.0}, "dropout must be in"),
+    ],
+)
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         build_model("dual", **kwargs)
@@ -113,5 +131,5 @@ def test_xavier_init_resets_the_paper_biases():
     model = build_model("dual", **{"width": 1 / 16, "image_size": 64})
     init_xavier_(model)
     fc6 = model.tower_a.fc6
-    bound = fc6.in_features ** -0.5  # nn.Linear's default bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    bound = fc6.in_features**-0.5  # nn.Linear's default bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
     assert fc6.bias.abs().max() <= bound and fc6.bias.abs().max() > 0

@@ -10,12 +10,17 @@ from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTen
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from alexnet2gpu import (
-    ConfigError, build_model, from_grouped_state_dict, place, seed_dropout, to_grouped_state_dict,
+    ConfigError,
+    build_model,
+    from_grouped_state_dict,
+    place,
+    seed_dropout,
+    to_grouped_state_dict,
 )
+from alexnet2gpu.checks.verify import TOLERANCE, available_placements, check_placement, relative_error
 from alexnet2gpu.models import init_xavier_
-from alexnet2gpu.placement import SplitDualAlexNet
-from alexnet2gpu.step import forward_loss
-from alexnet2gpu.verify import TOLERANCE, available_placements, check_placement, relative_error
+from alexnet2gpu.parallel import forward_loss
+from alexnet2gpu.parallel import split as split_mod
 
 from .conftest import TINY
 
@@ -76,8 +81,8 @@ def test_a_wrong_exchange_is_caught(xavier_dual, batch, monkeypatch):
     x, y = batch
     ref_logits, _, _ = run(copy.deepcopy(xavier_dual), x, y)
     placed = place(copy.deepcopy(xavier_dual), "split", "cpu,cpu")
-    real_send = SplitDualAlexNet.send
-    monkeypatch.setattr(SplitDualAlexNet, "send", lambda self, t, d: real_send(self, t.flip(1), d))
+    real_send = split_mod._CopyExchange._send
+    monkeypatch.setattr(split_mod._CopyExchange, "_send", lambda self, t, d: real_send(self, t.flip(1), d))
     logits, _, _ = run(placed, x, y)
     assert relative_error(logits, ref_logits) > 1e-3
 
@@ -93,8 +98,11 @@ def test_state_dict_keys_are_the_same_in_every_placement(tiny_dual, placement, d
 def test_grouped_state_dict_round_trip_is_lossless(tiny_dual):
     sd = tiny_dual.state_dict()
     grouped = to_grouped_state_dict(sd)
-    assert list(grouped) == [f"{l}.{p}" for l in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
-                             for p in ("weight", "bias")]
+    assert list(grouped) == [
+        f"{layer}.{p}"
+        for layer in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+        for p in ("weight", "bias")
+    ]
     back = from_grouped_state_dict(grouped)
     assert back.keys() == sd.keys()
     assert all(torch.equal(back[k], sd[k]) for k in sd)
@@ -163,13 +171,18 @@ def test_split_on_two_cuda_devices_under_fake_tensors():
         assert str(logits.device) == "cuda:0" and logits.shape == (2, 1000)
     # per-tower widths at 1/16: conv2 8, conv5 8, fc 128; at 64 px pool2 is 3x3, pool5 1x1
     c2, c5, fc = 8, 8, 128
-    assert sorted(log.crossings) == sorted([
-        ("cuda:0", "cuda:1", [2, 3, 64, 64]),  # the image, to tower b
-        ("cuda:1", "cuda:0", [2, c2, 3, 3]), ("cuda:0", "cuda:1", [2, c2, 3, 3]),  # exchange 1
-        ("cuda:1", "cuda:0", [2, c5]), ("cuda:0", "cuda:1", [2, c5]),  # exchange 2
-        ("cuda:1", "cuda:0", [2, fc]), ("cuda:0", "cuda:1", [2, fc]),  # exchange 3
-        ("cuda:1", "cuda:0", [2, fc]),  # exchange 4, tower b's fc7 output to fc8
-    ])
+    assert sorted(log.crossings) == sorted(
+        [
+            ("cuda:0", "cuda:1", [2, 3, 64, 64]),  # the image, to tower b
+            ("cuda:1", "cuda:0", [2, c2, 3, 3]),
+            ("cuda:0", "cuda:1", [2, c2, 3, 3]),  # exchange 1
+            ("cuda:1", "cuda:0", [2, c5]),
+            ("cuda:0", "cuda:1", [2, c5]),  # exchange 2
+            ("cuda:1", "cuda:0", [2, fc]),
+            ("cuda:0", "cuda:1", [2, fc]),  # exchange 3
+            ("cuda:1", "cuda:0", [2, fc]),  # exchange 4, tower b's fc7 output to fc8
+        ]
+    )
 
 
 def test_full_size_split_plans_without_hardware():
@@ -182,7 +195,7 @@ def test_full_size_split_plans_without_hardware():
 
 def test_a_missing_copy_raises_device_mismatch(monkeypatch):
     model = plan_split(**TINY)
-    monkeypatch.setattr(SplitDualAlexNet, "send", lambda self, t, device: t)  # forget the copy
+    monkeypatch.setattr(split_mod._CopyExchange, "_send", lambda self, t, device: t)  # forget the copy
     with FakeTensorMode(allow_non_fake_inputs=True):
         placed = place(model, "split", ["cuda:0", "cuda:1"])
         with pytest.raises(FakeTensorDeviceMismatchError):
@@ -213,14 +226,17 @@ def test_available_placements_here():
     assert names == ["towers", "grouped", "split"]
 
 
-@pytest.mark.parametrize("placement, devices, message", [
-    ("split", None, "needs two CUDA devices and this machine has 0"),
-    ("split", "cpu", "takes 2 device"),
-    ("grouped", "cpu,cpu", "takes 1 device"),
-    ("towers", "cuda:3", "cuda:3 was requested but this machine has 0 CUDA"),
-    ("towers", "tpu", "'tpu' is not a device"),
-    ("diagonal", None, "unknown placement 'diagonal'"),
-])
+@pytest.mark.parametrize(
+    "placement, devices, message",
+    [
+        ("split", None, "needs two CUDA devices and this machine has 0"),
+        ("split", "cpu", "takes 2 device"),
+        ("grouped", "cpu,cpu", "takes 1 device"),
+        ("towers", "cuda:3", "cuda:3 was requested but this machine has 0 CUDA"),
+        ("towers", "tpu", "'tpu' is not a device"),
+        ("diagonal", None, "unknown placement 'diagonal'"),
+    ],
+)
 def test_bad_placements_are_clear(tiny_dual, placement, devices, message):
     if torch.cuda.device_count() > 0:
         pytest.skip("messages checked on a machine without CUDA")
@@ -230,6 +246,6 @@ def test_bad_placements_are_clear(tiny_dual, placement, devices, message):
 
 def test_single_stream_nets_take_one_device():
     model = build_model("simplified", width=1 / 16)
-    assert place(model, "auto").layout.placement == "towers"
+    assert place(model, "auto").layout.placement == "single"
     with pytest.raises(ConfigError, match="splits the two-tower net"):
         place(model, "split", "cpu,cpu")

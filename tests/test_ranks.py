@@ -9,7 +9,7 @@ import torch
 from alexnet2gpu import ConfigError, build_model, place, seed_dropout
 from alexnet2gpu.data.synthetic import synthetic_batch
 from alexnet2gpu.models import init_xavier_
-from alexnet2gpu.step import forward_loss
+from alexnet2gpu.parallel import forward_loss
 
 from .dist_launch import ROOT, run_torchrun
 
@@ -92,8 +92,9 @@ def test_two_replicas_of_two_towers_match_one_process(tmp_path):
 def test_exchange_bytes_match_the_design_table(tmp_path):
     # DESIGN.md section 3: 113,152 bytes each way + 8,192 forward, the same backward, per
     # image, width 1, 227 input, float32.
-    got = _run_worker(tmp_path, 2, "--steps", "1", "--batch-size", "1", "--width", "1",
-                      "--image-size", "227", "--no-weights")
+    got = _run_worker(
+        tmp_path, 2, "--steps", "1", "--batch-size", "1", "--width", "1", "--image-size", "227", "--no-weights"
+    )
     assert got["exchange_bytes"] == 468_992
     assert got["exchange_bytes_tower0"] == 2 * 113_152 + 8_192  # tower a sends fc8's gradient back
 

@@ -9,18 +9,42 @@ import time
 import pytest
 import torch
 
-from alexnet2gpu.checkpoint import load_checkpoint
 from alexnet2gpu.cli import main
-from alexnet2gpu.errors import Alexnet2gpuError, ConfigError
 from alexnet2gpu.data.synthetic import replica_slice
-from alexnet2gpu.training import TrainConfig, train
+from alexnet2gpu.errors import Alexnet2gpuError, ConfigError
+from alexnet2gpu.io.checkpoints import load_checkpoint
+from alexnet2gpu.train.loop import TrainConfig, train
 
 from .dist_launch import run_torchrun, torchrun_env
 
-TINY = dict(model="dual", data="synthetic", width=1 / 16, image_size=64, num_classes=10, batch_size=4,
-            placement="towers", devices="cpu")
-TINY_FLAGS = ["-m", "alexnet2gpu", "train", "--data", "synthetic", "--width", "0.0625", "--image-size", "64",
-              "--num-classes", "10", "--batch-size", "4", "--placement", "ranks", "--quiet"]
+TINY = dict(
+    model="dual",
+    data="synthetic",
+    width=1 / 16,
+    image_size=64,
+    num_classes=10,
+    batch_size=4,
+    placement="towers",
+    devices="cpu",
+)
+TINY_FLAGS = [
+    "-m",
+    "alexnet2gpu",
+    "train",
+    "--data",
+    "synthetic",
+    "--width",
+    "0.0625",
+    "--image-size",
+    "64",
+    "--num-classes",
+    "10",
+    "--batch-size",
+    "4",
+    "--placement",
+    "ranks",
+    "--quiet",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -54,13 +78,32 @@ def test_resume_is_bit_exact_across_epoch_boundaries(tmp_path, model, size):
     # ends (an evaluation and a plateau-scheduler step each) after the checkpoint at 4,
     # with the loader's shuffled order resumed mid-epoch.
     data_dir = _small_fashion_mnist(tmp_path / "fmnist")
-    cfg = dict(TINY, model=model, image_size=size, in_channels=None, num_classes=None, data="fashion-mnist",
-               data_dir=data_dir, batch_size=16, workers=0, steps=8, dropout=0.5)
-    full = train(TrainConfig(**cfg, checkpoint_dir=str(tmp_path / "a"), checkpoint_every=4,
-                             metrics=str(tmp_path / "a.jsonl")))
+    cfg = dict(
+        TINY,
+        model=model,
+        image_size=size,
+        in_channels=None,
+        num_classes=None,
+        data="fashion-mnist",
+        data_dir=data_dir,
+        batch_size=16,
+        workers=0,
+        steps=8,
+        dropout=0.5,
+        placement="auto",
+    )
+    full = train(
+        TrainConfig(**cfg, checkpoint_dir=str(tmp_path / "a"), checkpoint_every=4, metrics=str(tmp_path / "a.jsonl"))
+    )
     assert full.steps == 8
-    resumed = train(TrainConfig(**cfg, checkpoint_dir=str(tmp_path / "b"),
-                                resume=str(tmp_path / "a" / "step-00000004.pt"), metrics=str(tmp_path / "b.jsonl")))
+    resumed = train(
+        TrainConfig(
+            **cfg,
+            checkpoint_dir=str(tmp_path / "b"),
+            resume=str(tmp_path / "a" / "step-00000004.pt"),
+            metrics=str(tmp_path / "b.jsonl"),
+        )
+    )
     assert resumed.resumed_from.endswith("step-00000004.pt")
     a, b = _steps(tmp_path / "a.jsonl"), _steps(tmp_path / "b.jsonl")
     assert sorted(b) == [5, 6, 7, 8]
@@ -97,8 +140,11 @@ def test_resume_without_a_path_takes_the_newest_and_starts_fresh_when_there_is_n
 
 def test_nonfinite_loss_is_skipped_and_never_checkpointed(tmp_path, monkeypatch):
     monkeypatch.setenv("ALEXNET2GPU_FAULT", "nan-loss:rank0:step2")  # test-only injection
-    result = train(TrainConfig(**TINY, steps=3, on_nonfinite="skip", checkpoint_dir=str(tmp_path),
-                               metrics=str(tmp_path / "m.jsonl")))
+    result = train(
+        TrainConfig(
+            **TINY, steps=3, on_nonfinite="skip", checkpoint_dir=str(tmp_path), metrics=str(tmp_path / "m.jsonl")
+        )
+    )
     assert result.skipped_steps == 1
     events = [json.loads(line) for line in open(tmp_path / "m.jsonl")]
     skip = [e for e in events if e["event"] == "nonfinite"]
@@ -114,18 +160,25 @@ def test_nonfinite_gradient_stops_naming_step_and_tower(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["step-00000001.pt"]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--placement", "ranks"], "torchrun --nproc-per-node 2"),
-    (["--recipe", "paper", "--batch-size", "0"], "--batch-size must be at least 1"),
-    (["--resume", "/nonexistent/step-1.pt"], "/nonexistent/step-1.pt"),
-    (["--data", "/nonexistent/folder"], "/nonexistent/folder"),
-    pytest.param(["--placement", "split", "--devices", "cuda:0,cuda:1"], "CUDA",
-                 marks=pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="this machine has two GPUs")),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--placement", "ranks"], "torchrun --nproc-per-node 2"),
+        (["--recipe", "paper", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--resume", "/nonexistent/step-1.pt"], "/nonexistent/step-1.pt"),
+        (["--data", "/nonexistent/folder"], "/nonexistent/folder"),
+        pytest.param(
+            ["--placement", "split", "--devices", "cuda:0,cuda:1"],
+            "CUDA",
+            marks=pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="this machine has two GPUs"),
+        ),
+    ],
+)
 def test_bad_flags_give_one_line_and_exit_2(capsys, monkeypatch, argv, message):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    code = main(["train", "--width", "0.0625", "--image-size", "64", "--data", "synthetic", "--steps", "1",
-                 "--quiet", *argv])
+    code = main(
+        ["train", "--width", "0.0625", "--image-size", "64", "--data", "synthetic", "--steps", "1", "--quiet", *argv]
+    )
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
@@ -153,11 +206,26 @@ def test_a_batch_the_replicas_cannot_split_names_the_numbers():
 
 @pytest.mark.distributed
 def test_ranks_train_matches_towers_and_checkpoints_move_between_placements(tmp_path):
-    towers = train(TrainConfig(**TINY, steps=4, checkpoint_dir=str(tmp_path / "t"), checkpoint_every=2,
-                               metrics=str(tmp_path / "t.jsonl")))
+    towers = train(
+        TrainConfig(
+            **TINY, steps=4, checkpoint_dir=str(tmp_path / "t"), checkpoint_every=2, metrics=str(tmp_path / "t.jsonl")
+        )
+    )
     assert towers.steps == 4
-    ranks = run_torchrun(2, [*TINY_FLAGS, "--steps", "4", "--checkpoint-dir", str(tmp_path / "r"),
-                             "--checkpoint-every", "2", "--metrics", str(tmp_path / "r.jsonl")])
+    ranks = run_torchrun(
+        2,
+        [
+            *TINY_FLAGS,
+            "--steps",
+            "4",
+            "--checkpoint-dir",
+            str(tmp_path / "r"),
+            "--checkpoint-every",
+            "2",
+            "--metrics",
+            str(tmp_path / "r.jsonl"),
+        ],
+    )
     assert ranks.returncode == 0, ranks.stderr[-3000:]
     assert "examples/sec on 2 processes" in ranks.stdout and ranks.stdout.count("train acc") == 1  # rank 0 only
     t, r = _steps(tmp_path / "t.jsonl"), _steps(tmp_path / "r.jsonl")
@@ -167,12 +235,25 @@ def test_ranks_train_matches_towers_and_checkpoints_move_between_placements(tmp_
     final = load_checkpoint(tmp_path / "t" / "step-00000004.pt")["model"]
     _assert_weights_close(load_checkpoint(tmp_path / "r" / "step-00000004.pt")["model"], final)
     # ranks -> towers
-    train(TrainConfig(**TINY, steps=4, checkpoint_dir=str(tmp_path / "rt"),
-                      resume=str(tmp_path / "r" / "step-00000002.pt")))
+    train(
+        TrainConfig(
+            **TINY, steps=4, checkpoint_dir=str(tmp_path / "rt"), resume=str(tmp_path / "r" / "step-00000002.pt")
+        )
+    )
     _assert_weights_close(load_checkpoint(tmp_path / "rt" / "step-00000004.pt")["model"], final)
     # towers -> ranks
-    back = run_torchrun(2, [*TINY_FLAGS, "--steps", "4", "--checkpoint-dir", str(tmp_path / "tr"),
-                            "--resume", str(tmp_path / "t" / "step-00000002.pt")])
+    back = run_torchrun(
+        2,
+        [
+            *TINY_FLAGS,
+            "--steps",
+            "4",
+            "--checkpoint-dir",
+            str(tmp_path / "tr"),
+            "--resume",
+            str(tmp_path / "t" / "step-00000002.pt"),
+        ],
+    )
     assert back.returncode == 0, back.stderr[-3000:]
     _assert_weights_close(load_checkpoint(tmp_path / "tr" / "step-00000004.pt")["model"], final)
 
@@ -183,8 +264,11 @@ def _error_lines(result) -> list[str]:
 
 @pytest.mark.distributed
 def test_nonfinite_gradient_in_tower_b_stops_every_rank(tmp_path):
-    result = run_torchrun(2, [*TINY_FLAGS, "--steps", "4", "--checkpoint-dir", str(tmp_path), "--checkpoint-every", "1"],
-                          env=torchrun_env(ALEXNET2GPU_FAULT="nan-grad:rank1:step2"))
+    result = run_torchrun(
+        2,
+        [*TINY_FLAGS, "--steps", "4", "--checkpoint-dir", str(tmp_path), "--checkpoint-every", "1"],
+        env=torchrun_env(ALEXNET2GPU_FAULT="nan-grad:rank1:step2"),
+    )
     assert result.returncode == 1
     lines = _error_lines(result)
     assert len(lines) == 1 and "gradients in tower b at step 2" in lines[0]  # rank 0 alone prints it
@@ -196,13 +280,18 @@ def test_nonfinite_gradient_in_tower_b_stops_every_rank(tmp_path):
 @pytest.mark.parametrize("fault, timeout", [("kill", 20), ("hang", 5)])
 def test_a_dead_or_hung_rank_ends_the_job_naming_it(fault, timeout):
     start = time.monotonic()
-    result = run_torchrun(2, [*TINY_FLAGS, "--steps", "4", "--timeout", str(timeout)],
-                          env=torchrun_env(ALEXNET2GPU_FAULT=f"{fault}:rank1:step2"), timeout=120)
+    result = run_torchrun(
+        2,
+        [*TINY_FLAGS, "--steps", "4", "--timeout", str(timeout)],
+        env=torchrun_env(ALEXNET2GPU_FAULT=f"{fault}:rank1:step2"),
+        timeout=120,
+    )
     elapsed = time.monotonic() - start
     assert result.returncode != 0
     lines = _error_lines(result)
-    assert any("rank 0: a collective failed at step 2" in line and "rank 1" in line for line in lines), \
-        result.stderr[-3000:]
+    assert any("rank 0: a collective failed at step 2" in line and "rank 1" in line for line in lines), result.stderr[
+        -3000:
+    ]
     assert "Traceback" not in "\n".join(lines)
     # torchrun start-up (~5 s on this machine) + the timeout (a hang) + a margin
     assert elapsed < timeout + 40
@@ -215,16 +304,33 @@ def test_torchrun_restart_resumes_to_the_weights_of_an_unbroken_run(tmp_path):
     assert unbroken.steps == 5
     # No TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 here: ranks.init_distributed works around
     # pytorch issue 135712 with a store prefix per restart attempt.
-    result = run_torchrun(2, [*TINY_FLAGS, "--steps", "5", "--checkpoint-dir", str(tmp_path / "k"),
-                              "--checkpoint-every", "1", "--resume", "--timeout", "20",
-                              "--metrics", str(tmp_path / "k.jsonl")],
-                          torchrun_args=["--max-restarts=1"],
-                          env=torchrun_env(ALEXNET2GPU_FAULT="kill:rank1:step3"), timeout=150)
+    result = run_torchrun(
+        2,
+        [
+            *TINY_FLAGS,
+            "--steps",
+            "5",
+            "--checkpoint-dir",
+            str(tmp_path / "k"),
+            "--checkpoint-every",
+            "1",
+            "--resume",
+            "--timeout",
+            "20",
+            "--metrics",
+            str(tmp_path / "k.jsonl"),
+        ],
+        torchrun_args=["--max-restarts=1"],
+        env=torchrun_env(ALEXNET2GPU_FAULT="kill:rank1:step3"),
+        timeout=150,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     events = [json.loads(line) for line in open(tmp_path / "k.jsonl")]
     assert any(e["event"] == "resume" and e["step"] == 2 for e in events)
-    _assert_weights_close(load_checkpoint(tmp_path / "k" / "step-00000005.pt")["model"],
-                          load_checkpoint(tmp_path / "u" / "step-00000005.pt")["model"])
+    _assert_weights_close(
+        load_checkpoint(tmp_path / "k" / "step-00000005.pt")["model"],
+        load_checkpoint(tmp_path / "u" / "step-00000005.pt")["model"],
+    )
     assert not result.orphans
 
 
@@ -242,8 +348,15 @@ def _image_folder(root) -> str:
 
 
 def test_an_image_folder_trains_with_ten_crop_evaluation(tmp_path):
-    result = train(TrainConfig(**dict(TINY, data=_image_folder(tmp_path / "images"), num_classes=None), epochs=2,
-                               ten_crop=True, workers=0, metrics=str(tmp_path / "m.jsonl")))
+    result = train(
+        TrainConfig(
+            **dict(TINY, data=_image_folder(tmp_path / "images"), num_classes=None),
+            epochs=2,
+            ten_crop=True,
+            workers=0,
+            metrics=str(tmp_path / "m.jsonl"),
+        )
+    )
     assert result.steps == 4 and result.epochs_done == 2.0
     evals = [json.loads(line) for line in open(tmp_path / "m.jsonl") if '"eval"' in line]
     assert [e["test_images"] for e in evals] == [8, 8]
@@ -256,21 +369,32 @@ def _small_fashion_mnist(folder, count: int = 48):
 
     folder.mkdir()
     generator = torch.Generator().manual_seed(0)
-    for images, labels in (("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-                           ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")):
+    for images, labels in (
+        ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+        ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+    ):
         pixels = torch.randint(0, 256, (count, 28, 28), generator=generator, dtype=torch.uint8)
         classes = torch.randint(0, 10, (count,), generator=generator, dtype=torch.uint8)
-        (folder / f"{images}.gz").write_bytes(gzip.compress(struct.pack(">4BIII", 0, 0, 8, 3, count, 28, 28)
-                                                            + pixels.numpy().tobytes()))
-        (folder / f"{labels}.gz").write_bytes(gzip.compress(struct.pack(">4BI", 0, 0, 8, 1, count)
-                                                            + classes.numpy().tobytes()))
+        (folder / f"{images}.gz").write_bytes(
+            gzip.compress(struct.pack(">4BIII", 0, 0, 8, 3, count, 28, 28) + pixels.numpy().tobytes())
+        )
+        (folder / f"{labels}.gz").write_bytes(
+            gzip.compress(struct.pack(">4BI", 0, 0, 8, 1, count) + classes.numpy().tobytes())
+        )
     return str(folder)
 
 
 def test_fashion_mnist_trains(tmp_path):
-    result = train(TrainConfig(**dict(TINY, data="fashion-mnist", num_classes=None, batch_size=16),
-                               data_dir=_small_fashion_mnist(tmp_path / "fmnist"), train_subset=32, epochs=1,
-                               workers=0, metrics=str(tmp_path / "m.jsonl")))
+    result = train(
+        TrainConfig(
+            **dict(TINY, data="fashion-mnist", num_classes=None, batch_size=16),
+            data_dir=_small_fashion_mnist(tmp_path / "fmnist"),
+            train_subset=32,
+            epochs=1,
+            workers=0,
+            metrics=str(tmp_path / "m.jsonl"),
+        )
+    )
     assert result.steps == 2 and result.test_accuracy is not None
     evals = [json.loads(line) for line in open(tmp_path / "m.jsonl") if '"eval"' in line]
     assert evals[0]["test_images"] == 48

@@ -52,8 +52,18 @@ __all__ = [
 ]
 
 NUM_CLASSES = 10
-CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")  # zalandoresearch/fashion-mnist README
+CLASS_NAMES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)  # zalandoresearch/fashion-mnist README
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -134,8 +144,9 @@ def read_idx(path: str | os.PathLike, ndim: int) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).reshape(shape)
 
 
-def load_fashion_mnist_split(images_path: str | os.PathLike, labels_path: str | os.PathLike
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
+def load_fashion_mnist_split(
+    images_path: str | os.PathLike, labels_path: str | os.PathLike
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Images ``uint8 [N, H, W]`` and labels ``int64 [N]`` of one split, checked as a pair."""
     images = read_idx(images_path, ndim=3)
     labels = read_idx(labels_path, ndim=1)
@@ -275,8 +286,9 @@ class ResizeBatch:
         images = torch.stack([s[0] for s in samples]).unsqueeze(1).float().div_(255.0)
         labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
-            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
-                                   align_corners=False)
+            images = F.interpolate(
+                images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+            )
         if self.in_channels == 3:
             images = images.repeat(1, 3, 1, 1)
         return images, labels

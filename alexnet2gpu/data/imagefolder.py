@@ -36,8 +36,8 @@ import hashlib
 import os
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -84,8 +84,9 @@ class PCALighting(torch.nn.Module):
     """[paper] section 4.1: adds ``eigvec @ (alpha * eigval)`` to every pixel of an RGB
     image in [0, 1], with ``alpha ~ N(0, alpha_std)`` drawn once per image."""
 
-    def __init__(self, alpha_std: float = PCA_ALPHA_STD,
-                 eigenvalues=IMAGENET_EIGENVALUES, eigenvectors=IMAGENET_EIGENVECTORS) -> None:
+    def __init__(
+        self, alpha_std: float = PCA_ALPHA_STD, eigenvalues=IMAGENET_EIGENVALUES, eigenvectors=IMAGENET_EIGENVECTORS
+    ) -> None:
         super().__init__()
         self.alpha_std = alpha_std
         self.register_buffer("eigenvalues", torch.tensor(eigenvalues, dtype=torch.float32), persistent=False)
@@ -165,8 +166,10 @@ class FolderDataset(Dataset):
 
 def _image_folder(split: Path) -> datasets.ImageFolder:
     if not split.is_dir():
-        raise ConfigError(f"image folder {split} does not exist: --data wants a folder with train/ and val/ "
-                          f"holding one folder per class")
+        raise ConfigError(
+            f"image folder {split} does not exist: --data wants a folder with train/ and val/ "
+            f"holding one folder per class"
+        )
     try:
         return datasets.ImageFolder(str(split), allow_empty=False)
     except FileNotFoundError as error:  # no class folders, or no image files in them
@@ -184,8 +187,9 @@ class _TenCrops:
         return torch.stack([crop.as_subclass(torch.Tensor) for crop in self.crop(image)])
 
 
-def build_folder_datasets(root: str | os.PathLike, image_size: int, in_channels: int = 3, seed: int = 0,
-                          ten_crop: bool = False) -> tuple[FolderDataset, FolderDataset]:
+def build_folder_datasets(
+    root: str | os.PathLike, image_size: int, in_channels: int = 3, seed: int = 0, ten_crop: bool = False
+) -> tuple[FolderDataset, FolderDataset]:
     """The ``train`` and ``val`` splits of ``root``: training items are ``(float [C, S, S],
     label)``, evaluation items the same, or ``(float [10, C, S, S], label)`` with ``ten_crop``."""
     root = Path(root)
@@ -197,28 +201,36 @@ def build_folder_datasets(root: str | os.PathLike, image_size: int, in_channels:
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
-        raise DataError(f"{root}: train/ and val/ hold different classes "
-                        f"(only in train: {only_train[:5]}, only in val: {only_val[:5]})")
+        raise DataError(
+            f"{root}: train/ and val/ hold different classes "
+            f"(only in train: {only_train[:5]}, only in val: {only_val[:5]})"
+        )
     rgb = in_channels == 3
     mode = "RGB" if rgb else "L"
     mean = list(IMAGENET_MEAN) if rgb else [sum(IMAGENET_MEAN) / 3]
     side = resize_side(image_size)
     to_float = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
     subtract_mean = v2.Normalize(mean=mean, std=[1.0] * in_channels)
-    train_transform = v2.Compose([
-        v2.Resize(side), v2.CenterCrop(side),  # [paper] section 2
-        v2.RandomCrop(image_size), v2.RandomHorizontalFlip(),  # [paper] section 4.1
-        *to_float,
-        *([PCALighting()] if rgb else []),  # [paper] section 4.1, colour noise
-        subtract_mean,
-    ])
+    train_transform = v2.Compose(
+        [
+            v2.Resize(side),
+            v2.CenterCrop(side),  # [paper] section 2
+            v2.RandomCrop(image_size),
+            v2.RandomHorizontalFlip(),  # [paper] section 4.1
+            *to_float,
+            *([PCALighting()] if rgb else []),  # [paper] section 4.1, colour noise
+            subtract_mean,
+        ]
+    )
     if ten_crop:
         crop = [_TenCrops(image_size)]
     else:
         crop = [v2.CenterCrop(image_size)]
     eval_transform = v2.Compose([v2.Resize(side), v2.CenterCrop(side), *to_float, *crop, subtract_mean])
-    return (FolderDataset(train, train_transform, mode, seed, random=True),
-            FolderDataset(val, eval_transform, mode, seed, random=False))
+    return (
+        FolderDataset(train, train_transform, mode, seed, random=True),
+        FolderDataset(val, eval_transform, mode, seed, random=False),
+    )
 
 
 def ten_crop_predict(forward: Callable[[torch.Tensor], torch.Tensor], crops: torch.Tensor) -> torch.Tensor:

@@ -34,9 +34,10 @@ worker would arrive wrapped in its traceback).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
@@ -64,7 +65,7 @@ class ShardSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch
-        indices = list(super().__iter__())[self.start_batch * self.batch_size:]
+        indices = list(super().__iter__())[self.start_batch * self.batch_size :]
         return iter([(epoch, i) for i in indices])
 
     def __len__(self) -> int:
@@ -101,15 +102,24 @@ class EpochLoader(DataLoader):
     """A ``DataLoader`` that raises unreadable samples as :class:`DataError` and, over a
     :class:`ShardSampler`, knows its position for checkpoints."""
 
-    def __init__(self, dataset: Dataset, sampler: Sampler, batch_size: int, collate: Callable,
-                 num_workers: int, pin_memory: bool) -> None:
+    def __init__(
+        self, dataset: Dataset, sampler: Sampler, batch_size: int, collate: Callable, num_workers: int, pin_memory: bool
+    ) -> None:
         # A DataLoader draws its workers' base seed at the start of every epoch from its
         # generator, else from the global RNG, which would shift the dropout masks of the
         # single-stream nets (nn.Dropout draws from it) between a run and the same run
         # resumed mid-epoch. The workers use no RNG, so the seed itself does not matter.
-        super().__init__(dataset, batch_size=batch_size, sampler=sampler, collate_fn=_CollateOrFlag(collate),
-                         num_workers=num_workers, pin_memory=pin_memory, drop_last=False,
-                         persistent_workers=num_workers > 0, generator=torch.Generator())
+        super().__init__(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=_CollateOrFlag(collate),
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            drop_last=False,
+            persistent_workers=num_workers > 0,
+            generator=torch.Generator(),
+        )
         self.batches_done = 0
 
     @property
@@ -136,8 +146,10 @@ class EpochLoader(DataLoader):
     def load_state_dict(self, state: dict[str, int]) -> None:
         epoch, done = int(state["epoch"]), int(state["batches_done"])
         if not 0 <= done < self.batches_per_epoch:
-            raise ConfigError(f"data position {done} is outside an epoch of {self.batches_per_epoch} batches: "
-                              f"the checkpoint was written with another data set or batch size")
+            raise ConfigError(
+                f"data position {done} is outside an epoch of {self.batches_per_epoch} batches: "
+                f"the checkpoint was written with another data set or batch size"
+            )
         self.sampler.set_epoch(epoch)
         self.sampler.start_batch = done
         self.batches_done = done
@@ -195,8 +207,10 @@ def build_loaders(
     if dp_size < 1 or not 0 <= dp_rank < dp_size:
         raise ConfigError(f"data-parallel rank {dp_rank} is not in 0..{dp_size - 1}")
     if global_batch < 1 or global_batch % dp_size:
-        raise ConfigError(f"the global batch size {global_batch} does not split over {dp_size} data-parallel "
-                          f"replicas: use a multiple of {dp_size}")
+        raise ConfigError(
+            f"the global batch size {global_batch} does not split over {dp_size} data-parallel "
+            f"replicas: use a multiple of {dp_size}"
+        )
     if num_workers is not None and num_workers < 0:
         raise ConfigError(f"--workers must be 0 or more, got {num_workers}")
     batch = global_batch // dp_size
@@ -210,8 +224,10 @@ def build_loaders(
         train_collate = test_collate = collate
         in_memory = True
         classes = FashionMNIST.classes
-        description = (f"Fashion-MNIST from {train_set.folder}: {len(train_set):,} train, {len(test_set):,} test "
-                       f"images, resized 28 -> {image_size}, {in_channels} channel{'s' if in_channels > 1 else ''}")
+        description = (
+            f"Fashion-MNIST from {train_set.folder}: {len(train_set):,} train, {len(test_set):,} test "
+            f"images, resized 28 -> {image_size}, {in_channels} channel{'s' if in_channels > 1 else ''}"
+        )
     else:
         if train_subset is not None:
             raise ConfigError("--train-subset applies to Fashion-MNIST only")
@@ -219,13 +235,28 @@ def build_loaders(
         train_collate = test_collate = default_collate
         in_memory = False
         classes = tuple(train_set.classes)
-        description = (f"image folder {data}: {len(train_set):,} train, {len(test_set):,} val images in "
-                       f"{len(classes)} classes, {image_size} px crops{', 10-crop evaluation' if ten_crop else ''}")
+        description = (
+            f"image folder {data}: {len(train_set):,} train, {len(test_set):,} val images in "
+            f"{len(classes)} classes, {image_size} px crops{', 10-crop evaluation' if ten_crop else ''}"
+        )
     workers = _default_workers(in_memory, cuda) if num_workers is None else num_workers
-    train = EpochLoader(train_set, ShardSampler(train_set, dp_size=dp_size, dp_rank=dp_rank, seed=seed,
-                                                batch_size=batch),
-                        batch, train_collate, workers, pin_memory=cuda)
-    test = EpochLoader(test_set, EvalShard(len(test_set), dp_size, dp_rank), batch, test_collate, workers,
-                       pin_memory=cuda)
-    return Loaders(train=train, test=test, num_classes=len(classes), classes=tuple(classes), batch_size=batch,
-                   ten_crop=ten_crop, description=description)
+    train = EpochLoader(
+        train_set,
+        ShardSampler(train_set, dp_size=dp_size, dp_rank=dp_rank, seed=seed, batch_size=batch),
+        batch,
+        train_collate,
+        workers,
+        pin_memory=cuda,
+    )
+    test = EpochLoader(
+        test_set, EvalShard(len(test_set), dp_size, dp_rank), batch, test_collate, workers, pin_memory=cuda
+    )
+    return Loaders(
+        train=train,
+        test=test,
+        num_classes=len(classes),
+        classes=tuple(classes),
+        batch_size=batch,
+        ten_crop=ten_crop,
+        description=description,
+    )

@@ -9,7 +9,7 @@ over the classes.
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -59,11 +59,28 @@ class SyntheticLoader:
     (``set_epoch``, ``state_dict``, ``load_state_dict``): batch ``b`` of epoch ``e`` is
     :func:`synthetic_batch` at step ``offset + e * batches + b``."""
 
-    def __init__(self, *, seed: int, global_batch: int, in_channels: int, image_size: int, num_classes: int,
-                 dp_size: int, dp_rank: int, batches: int, offset: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        seed: int,
+        global_batch: int,
+        in_channels: int,
+        image_size: int,
+        num_classes: int,
+        dp_size: int,
+        dp_rank: int,
+        batches: int,
+        offset: int = 0,
+    ) -> None:
         replica_slice(global_batch, dp_size, dp_rank)  # refuses a batch that does not split
-        self.kw = dict(batch_size=global_batch, in_channels=in_channels, image_size=image_size,
-                       num_classes=num_classes, dp_size=dp_size, dp_rank=dp_rank)
+        self.kw = dict(
+            batch_size=global_batch,
+            in_channels=in_channels,
+            image_size=image_size,
+            num_classes=num_classes,
+            dp_size=dp_size,
+            dp_rank=dp_rank,
+        )
         self.seed, self.offset, self.batches_per_epoch = seed, offset, batches
         self.epoch = self.batches_done = self.start_batch = 0
 

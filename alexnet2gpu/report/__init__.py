@@ -8,7 +8,7 @@ import os
 
 from rich.console import Console
 
-from ..atomic import write_atomic
+from ..io.atomic import write_atomic
 
 __all__ = ["console", "fmt_int", "fmt_mib", "write_json", "write_text_atomic"]
 

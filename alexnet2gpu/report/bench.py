@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from rich.table import Table
 
-from ..bench import BenchResult, OverheadResult
+from ..measure.bench import BenchResult, OverheadResult
 from . import console
 
 __all__ = ["progress_bar", "render_bench", "render_overhead"]
@@ -16,7 +16,7 @@ def render_bench(results: list[BenchResult], machine: dict | None = None) -> Non
     where = f"{first.device}, {first.threads} thread(s) per process" if first else ""
     table = Table(
         title=f"throughput, measured ({where}, torch {torch.__version__}); median of "
-              f"{len(first.repeats_images_per_s) if first else 0} repeats, ± half their range",
+        f"{len(first.repeats_images_per_s) if first else 0} repeats, ± half their range",
         title_justify="left",
     )
     for col in ("model", "placement", "mode", "batch"):
@@ -26,14 +26,23 @@ def render_bench(results: list[BenchResult], machine: dict | None = None) -> Non
     table.add_column("ms/step", justify="right")
     table.add_column("CPU ms/step", justify="right")
     for r in results:
-        table.add_row(r.model, r.placement, r.mode, str(r.batch_size), f"{r.images_per_s:,.1f}",
-                      f"{r.spread:,.1f}", f"{1000 * r.batch_size / r.images_per_s:,.1f}",
-                      f"{1000 * r.cpu_s_per_step:,.1f}")
+        table.add_row(
+            r.model,
+            r.placement,
+            r.mode,
+            str(r.batch_size),
+            f"{r.images_per_s:,.1f}",
+            f"{r.spread:,.1f}",
+            f"{1000 * r.batch_size / r.images_per_s:,.1f}",
+            f"{1000 * r.cpu_s_per_step:,.1f}",
+        )
     console().print(table)
     if machine:
-        console().print(f"machine: {machine.get('cpu')}, {machine.get('cpu_cores')} cores, "
-                        f"GPUs: {', '.join(machine.get('gpus') or []) or 'none'}, "
-                        f"load average {machine.get('load_average')}")
+        console().print(
+            f"machine: {machine.get('cpu')}, {machine.get('cpu_cores')} cores, "
+            f"GPUs: {', '.join(machine.get('gpus') or []) or 'none'}, "
+            f"load average {machine.get('load_average')}"
+        )
 
 
 def render_overhead(result: OverheadResult) -> None:
@@ -60,12 +69,18 @@ class _Progress:
         self._task = None
         self._total, self._description = total, description
 
-    def __enter__(self) -> "_Progress":
+    def __enter__(self) -> _Progress:
         if self.enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TimeElapsedColumn(), console=console(), transient=False)
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console(),
+                transient=False,
+            )
             self._progress.__enter__()
             self._task = self._progress.add_task(self._description, total=self._total)
         return self

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from rich.table import Table
 
-from ..atomic import write_all_atomic
-from ..compare import BASELINES, CompareReport, speedups
+from ..io.atomic import write_all_atomic
+from ..measure.compare import BASELINES, CompareReport, speedups
 from . import console, fmt_int, fmt_mib
 
 __all__ = ["FILES", "compare_markdown", "render_compare", "write_compare"]
@@ -38,9 +38,11 @@ def _where(report: CompareReport) -> str:
     m = report.machine
     gpus = ", ".join(m.get("gpus") or []) or "no GPU"
     threads = report.config.get("threads")
-    return (f"{m.get('cpu_cores')}-core CPU ({m.get('cpu')}), {gpus}; torch {report.torch}; "
-            f"{f'{threads} CPU thread(s) per process; ' if threads else ''}"
-            f"load average before {m.get('load_average_before')}, after {m.get('load_average')}")
+    return (
+        f"{m.get('cpu_cores')}-core CPU ({m.get('cpu')}), {gpus}; torch {report.torch}; "
+        f"{f'{threads} CPU thread(s) per process; ' if threads else ''}"
+        f"load average before {m.get('load_average_before')}, after {m.get('load_average')}"
+    )
 
 
 def _memory_rows(report: CompareReport):
@@ -57,8 +59,9 @@ def _speedup_rows(report: CompareReport):
         table.setdefault((row["name"], row["mode"], row["batch_size"]), {})[row["vs"]] = row["speedup"]
     order = [v.name for v in report.variants]
     modes = ("train", "infer")
-    for (name, mode, batch), vs in sorted(table.items(),
-                                          key=lambda kv: (modes.index(kv[0][1]), order.index(kv[0][0]), kv[0][2])):
+    for (name, mode, batch), vs in sorted(
+        table.items(), key=lambda kv: (modes.index(kv[0][1]), order.index(kv[0][0]), kv[0][2])
+    ):
         yield name, mode, batch, [f"{vs[b]:.2f}x" if b in vs else "" for b in BASELINES]
 
 
@@ -66,15 +69,27 @@ def render_compare(report: CompareReport) -> None:
     out = console()
     out.print(f"[bold]alexnet2gpu compare[/]: {_where(report)}")
 
-    mem = Table(title=f"parameters and memory per device, MiB, one training step at batch "
-                      f"{report.config['memory_batch_size']}", title_justify="left")
+    mem = Table(
+        title=f"parameters and memory per device, MiB, one training step at batch {report.config['memory_batch_size']}",
+        title_justify="left",
+    )
     for col in ("variant", "device", "params", "param MiB", "grads", "optimizer", "activations", "peak", "source"):
-        mem.add_column(col, justify="left" if col in ("variant", "device", "source") else "right",
-                       no_wrap=col == "variant")
+        mem.add_column(
+            col, justify="left" if col in ("variant", "device", "source") else "right", no_wrap=col == "variant"
+        )
     for v, d in _memory_rows(report):
         source = d.source + (f"; RSS {fmt_mib(d.rss_peak_bytes)} measured" if d.rss_peak_bytes else "")
-        mem.add_row(v.name, d.device, fmt_int(d.params), fmt_mib(d.params_bytes), fmt_mib(d.grads_bytes),
-                    fmt_mib(d.optimizer_bytes), fmt_mib(d.activations_bytes), fmt_mib(d.peak_bytes), source)
+        mem.add_row(
+            v.name,
+            d.device,
+            fmt_int(d.params),
+            fmt_mib(d.params_bytes),
+            fmt_mib(d.grads_bytes),
+            fmt_mib(d.optimizer_bytes),
+            fmt_mib(d.activations_bytes),
+            fmt_mib(d.peak_bytes),
+            source,
+        )
     out.print(mem)
 
     sizes = _batch_sizes(report)
@@ -127,7 +142,9 @@ def _notes(report: CompareReport) -> list[str]:
     return lines
 
 
-def _md_table(header: list[str], rows: list[list[str]], right_from: int = 1, left: tuple[str, ...] = ("source",)) -> str:
+def _md_table(
+    header: list[str], rows: list[list[str]], right_from: int = 1, left: tuple[str, ...] = ("source",)
+) -> str:
     align = ["---" if i < right_from or name in left else "---:" for i, name in enumerate(header)]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -152,17 +169,38 @@ def compare_markdown(report: CompareReport) -> str:
         "",
         "## Parameters and memory per device (MiB, one training step)",
         "",
-        _md_table(["variant", "device", "params", "param MiB", "grads", "optimizer", "activations", "peak", "source"],
-                  [[v.name, d.device, fmt_int(d.params), fmt_mib(d.params_bytes), fmt_mib(d.grads_bytes),
-                    fmt_mib(d.optimizer_bytes), fmt_mib(d.activations_bytes), fmt_mib(d.peak_bytes),
-                    d.source + (f"; process peak RSS {fmt_mib(d.rss_peak_bytes)} MiB measured" if d.rss_peak_bytes else "")]
-                   for v, d in _memory_rows(report)], right_from=2),
+        _md_table(
+            ["variant", "device", "params", "param MiB", "grads", "optimizer", "activations", "peak", "source"],
+            [
+                [
+                    v.name,
+                    d.device,
+                    fmt_int(d.params),
+                    fmt_mib(d.params_bytes),
+                    fmt_mib(d.grads_bytes),
+                    fmt_mib(d.optimizer_bytes),
+                    fmt_mib(d.activations_bytes),
+                    fmt_mib(d.peak_bytes),
+                    d.source
+                    + (f"; process peak RSS {fmt_mib(d.rss_peak_bytes)} MiB measured" if d.rss_peak_bytes else ""),
+                ]
+                for v, d in _memory_rows(report)
+            ],
+            right_from=2,
+        ),
         "",
         "## Throughput (images/s, measured)",
         "",
-        _md_table(["variant", "device", "mode", *(f"batch {b}" for b in sizes)],
-                  [[v.name, v.devices, mode, *[_rate(v, mode, b) for b in sizes]]
-                   for mode in ("train", "infer") for v in report.variants if v.results], right_from=3),
+        _md_table(
+            ["variant", "device", "mode", *(f"batch {b}" for b in sizes)],
+            [
+                [v.name, v.devices, mode, *[_rate(v, mode, b) for b in sizes]]
+                for mode in ("train", "infer")
+                for v in report.variants
+                if v.results
+            ],
+            right_from=3,
+        ),
         "",
         "## CPU seconds per training step (measured, the busiest process)",
         "",
@@ -170,22 +208,35 @@ def compare_markdown(report: CompareReport) -> str:
         "processes'. Other jobs sharing the machine inflate it less than the images/s above (not "
         "at all only where they leave the caches alone).",
         "",
-        _md_table(["variant", "device", *(f"batch {b}" for b in sizes)],
-                  [[v.name, v.devices, *[_cpu(v, b) for b in sizes]] for v in report.variants if v.results],
-                  right_from=2),
+        _md_table(
+            ["variant", "device", *(f"batch {b}" for b in sizes)],
+            [[v.name, v.devices, *[_cpu(v, b) for b in sizes]] for v in report.variants if v.results],
+            right_from=2,
+        ),
         "",
         "## Bytes exchanged between devices per training step (forward + backward)",
         "",
-        _md_table(["variant", "batch", "bytes", "per image"],
-                  [[v.name, str(v.memory.batch_size), fmt_int(v.comm_bytes_per_step),
-                    fmt_int(v.comm_bytes_per_step // v.memory.batch_size)]
-                   for v in report.variants if v.memory is not None]),
+        _md_table(
+            ["variant", "batch", "bytes", "per image"],
+            [
+                [
+                    v.name,
+                    str(v.memory.batch_size),
+                    fmt_int(v.comm_bytes_per_step),
+                    fmt_int(v.comm_bytes_per_step // v.memory.batch_size),
+                ]
+                for v in report.variants
+                if v.memory is not None
+            ],
+        ),
         "",
         "## Speed-ups (same run)",
         "",
-        _md_table(["variant", "mode", "batch", *(f"vs {b}" for b in BASELINES)],
-                  [[name, mode, str(batch), *cells] for name, mode, batch, cells in _speedup_rows(report)],
-                  right_from=2),
+        _md_table(
+            ["variant", "mode", "batch", *(f"vs {b}" for b in BASELINES)],
+            [[name, mode, str(batch), *cells] for name, mode, batch, cells in _speedup_rows(report)],
+            right_from=2,
+        ),
         "",
         "## Notes",
         "",

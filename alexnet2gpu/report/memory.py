@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from ..memory import MemoryReport
+from ..measure.memory import MemoryReport
 from . import console, fmt_mib
 
 __all__ = ["render_memory"]
@@ -14,8 +14,8 @@ def render_memory(report: MemoryReport) -> None:
     sources = sorted({d.source for d in report.devices})
     table = Table(
         title=f"memory per device, MiB, one training step: {report.model}/{report.placement}, batch "
-              f"{report.batch_size}, {report.image_size}px, width {report.width:g} "
-              f"({' and '.join(sources)}, torch {report.torch})",
+        f"{report.batch_size}, {report.image_size}px, width {report.width:g} "
+        f"({' and '.join(sources)}, torch {report.torch})",
         title_justify="left",
     )
     table.add_column("device")
@@ -27,15 +27,25 @@ def render_memory(report: MemoryReport) -> None:
     if show_rss:
         table.add_column("process peak RSS (measured)", justify="right")
     for d in report.devices:
-        row = [d.device, "+".join(d.parts), fmt_mib(d.params_bytes), fmt_mib(d.grads_bytes), fmt_mib(d.optimizer_bytes),
-               fmt_mib(d.activations_bytes), fmt_mib(d.peak_bytes), d.source]
+        row = [
+            d.device,
+            "+".join(d.parts),
+            fmt_mib(d.params_bytes),
+            fmt_mib(d.grads_bytes),
+            fmt_mib(d.optimizer_bytes),
+            fmt_mib(d.activations_bytes),
+            fmt_mib(d.peak_bytes),
+            d.source,
+        ]
         if show_rss:
             row.append(fmt_mib(d.rss_peak_bytes))
         table.add_row(*row)
     out = console()
     out.print(table)
     per_image = report.comm_bytes_per_step / report.batch_size if report.batch_size else 0
-    out.print(f"exchanged between devices in one step (forward + backward, all directions): "
-              f"{report.comm_bytes_per_step:,} bytes ({per_image:,.0f} per image)")
+    out.print(
+        f"exchanged between devices in one step (forward + backward, all directions): "
+        f"{report.comm_bytes_per_step:,} bytes ({per_image:,.0f} per image)"
+    )
     if report.note:
         out.print(report.note)

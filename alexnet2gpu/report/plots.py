@@ -11,13 +11,17 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..compare import CompareReport  # noqa: E402
+from ..measure.compare import CompareReport  # noqa: E402
 
 __all__ = ["plot_memory", "plot_throughput"]
 
-_CATEGORIES = (("params_bytes", "parameters"), ("grads_bytes", "gradients"),
-               ("optimizer_bytes", "optimizer (momentum)"), ("activations_bytes", "activations"),
-               ("input_bytes", "input batch"))
+_CATEGORIES = (
+    ("params_bytes", "parameters"),
+    ("grads_bytes", "gradients"),
+    ("optimizer_bytes", "optimizer (momentum)"),
+    ("activations_bytes", "activations"),
+    ("input_bytes", "input batch"),
+)
 
 
 def plot_memory(report: CompareReport, path: str | os.PathLike) -> None:
@@ -42,8 +46,10 @@ def plot_memory(report: CompareReport, path: str | os.PathLike) -> None:
     ax.scatter(labels, peaks, marker="_", s=600, color="black", zorder=3, label="peak")
     ax.set_ylabel("MiB")
     ax.tick_params(axis="x", labelsize=7)
-    ax.set_title(f"Memory per device, one training step, batch {batch} "
-                 f"({' and '.join(sorted(sources))}; torch {report.torch})", fontsize=9)
+    ax.set_title(
+        f"Memory per device, one training step, batch {batch} ({' and '.join(sorted(sources))}; torch {report.torch})",
+        fontsize=9,
+    )
     ax.legend(fontsize=7)
     fig.savefig(path, format="png", dpi=110)
     plt.close(fig)
@@ -59,8 +65,14 @@ def plot_throughput(report: CompareReport, path: str | os.PathLike) -> None:
             if not rows:
                 continue
             devices.add(rows[0].device)
-            ax.errorbar([r.batch_size for r in rows], [r.images_per_s for r in rows],
-                        yerr=[r.spread for r in rows], marker="o", capsize=3, label=f"{v.name} ({rows[0].device})")
+            ax.errorbar(
+                [r.batch_size for r in rows],
+                [r.images_per_s for r in rows],
+                yerr=[r.spread for r in rows],
+                marker="o",
+                capsize=3,
+                label=f"{v.name} ({rows[0].device})",
+            )
         ax.set_xscale("log", base=2)
         sizes = sorted({r.batch_size for v in report.variants for r in v.results})
         ax.set_xticks(sizes, [str(b) for b in sizes])
@@ -70,7 +82,10 @@ def plot_throughput(report: CompareReport, path: str | os.PathLike) -> None:
         ax.set_title("training step" if mode == "train" else "inference")
         ax.legend(fontsize=7)
     threads = report.config.get("threads")
-    fig.suptitle(f"Throughput, measured on {', '.join(sorted(devices)) or 'nothing'}"
-                 f"{f', {threads} CPU thread(s) per process' if threads else ''}; torch {report.torch}", fontsize=9)
+    fig.suptitle(
+        f"Throughput, measured on {', '.join(sorted(devices)) or 'nothing'}"
+        f"{f', {threads} CPU thread(s) per process' if threads else ''}; torch {report.torch}",
+        fontsize=9,
+    )
     fig.savefig(path, format="png", dpi=110)
     plt.close(fig)

@@ -22,8 +22,10 @@ def render_header(header: dict) -> None:
     resumed = f", resumed from {header['resumed_from']}" if header.get("resumed_from") else ""
     c.print(f"[bold]train[/bold] {header['model']} on {header['placement']}: {header['device']}{resumed}")
     c.print(f"  data: {header['data']}")
-    c.print(f"  recipe {header['recipe']}: global batch {header['batch_size']}, {header['steps']} steps, "
-            f"lr {header['lr']:g}, input {header['in_channels']}x{header['image_size']}x{header['image_size']}")
+    c.print(
+        f"  recipe {header['recipe']}: global batch {header['batch_size']}, {header['steps']} steps, "
+        f"lr {header['lr']:g}, input {header['in_channels']}x{header['image_size']}x{header['image_size']}"
+    )
 
 
 class TrainingDisplay:
@@ -33,23 +35,36 @@ class TrainingDisplay:
         render_header(header)
         self.total = total_steps
         self.progress = Progress(
-            TextColumn("step"), MofNCompleteColumn(), BarColumn(bar_width=24),
-            TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  test {task.fields[test]}  "
-                       "{task.fields[ips]} img/s  lr {task.fields[lr]}"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=console(), transient=False,
+            TextColumn("step"),
+            MofNCompleteColumn(),
+            BarColumn(bar_width=24),
+            TextColumn(
+                "loss {task.fields[loss]}  acc {task.fields[acc]}  test {task.fields[test]}  "
+                "{task.fields[ips]} img/s  lr {task.fields[lr]}"
+            ),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console(),
+            transient=False,
         )
         self.task = None
 
     def start(self, step: int) -> None:
         self.progress.start()
-        self.task = self.progress.add_task("train", total=self.total, completed=step, loss="-", acc="-",
-                                           test="-", ips="-", lr="-")
+        self.task = self.progress.add_task(
+            "train", total=self.total, completed=step, loss="-", acc="-", test="-", ips="-", lr="-"
+        )
 
     def update(self, record) -> None:
-        self.progress.update(self.task, completed=record.step, loss=_num(record.loss, ".3f"),
-                             acc=_num(record.accuracy, ".3f"), ips=_num(record.images_per_s, ".1f"),
-                             lr=_num(record.lr, ".2g"))
+        self.progress.update(
+            self.task,
+            completed=record.step,
+            loss=_num(record.loss, ".3f"),
+            acc=_num(record.accuracy, ".3f"),
+            ips=_num(record.images_per_s, ".1f"),
+            lr=_num(record.lr, ".2g"),
+        )
 
     def evaluated(self, step: int, test_accuracy: float) -> None:
         self.progress.update(self.task, test=_num(test_accuracy, ".3f"))

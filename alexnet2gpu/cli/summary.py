@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import add_model_arguments, add_placement_arguments, model_kwargs
-from ..summary import plan_summary
+from ..checks.summary import plan_summary
+from .arguments import add_model_arguments, add_placement_arguments, model_kwargs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,39 +7,50 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import add_model_arguments, add_placement_arguments, model_kwargs
 from ..errors import Alexnet2gpuError
+from .arguments import add_model_arguments, add_placement_arguments, model_kwargs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_placement_arguments(parser)
     group = parser.add_argument_group("measuring")
-    group.add_argument("--batch-sizes", default="32,64,128",
-                       help="comma-separated batch sizes (global under ranks) (default: %(default)s)")
-    group.add_argument("--mode", choices=("train", "infer", "both"), default="both",
-                       help="a training step (forward, loss, backward, SGD step), inference, or both "
-                            "(default: %(default)s)")
-    group.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported (default: %(default)s)")
+    group.add_argument(
+        "--batch-sizes",
+        default="32,64,128",
+        help="comma-separated batch sizes (global under ranks) (default: %(default)s)",
+    )
+    group.add_argument(
+        "--mode",
+        choices=("train", "infer", "both"),
+        default="both",
+        help="a training step (forward, loss, backward, SGD step), inference, or both (default: %(default)s)",
+    )
+    group.add_argument(
+        "--repeats", type=int, default=5, help="timed repeats; the median is reported (default: %(default)s)"
+    )
     group.add_argument("--steps", type=int, default=1, help="steps per timed repeat (default: %(default)s)")
     group.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: %(default)s)")
-    group.add_argument("--threads", type=int, default=None,
-                       help="CPU threads per process (default: torch's choice)")
-    group.add_argument("--seed", type=int, default=0, help="seed for the weights and the synthetic batch (default: %(default)s)")
-    group.add_argument("--against-plain-loop", action="store_true",
-                       help="also time a plain PyTorch loop (forward, loss, backward, SGD step) on the same "
-                            "model and the first batch size, and report the harness overhead")
+    group.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: torch's choice)")
+    group.add_argument(
+        "--seed", type=int, default=0, help="seed for the weights and the synthetic batch (default: %(default)s)"
+    )
+    group.add_argument(
+        "--against-plain-loop",
+        action="store_true",
+        help="also time a plain PyTorch loop (forward, loss, backward, SGD step) on the same "
+        "model and the first batch size, and report the harness overhead",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-' for stdout)")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..bench import MODES, bench_placed, machine_info, measure_overhead, parse_batch_sizes
     from ..errors import ConfigError
+    from ..measure.bench import MODES, bench_placed, machine_info, measure_overhead, parse_batch_sizes
     from ..models import build_model
-    from ..placement import place
-    from ..torchrun import TorchrunEnv
+    from ..parallel import TorchrunEnv, place
 
     if args.threads is not None:
         if args.threads < 1:
@@ -57,20 +68,38 @@ def run(args: argparse.Namespace) -> int:
 
         total = len(batch_sizes) * len(modes) * args.repeats
         with progress_bar(total, f"{args.model}/{placed.layout.placement}", enabled=show) as bar:
-            results = bench_placed(placed, args.model, batch_sizes, modes, warmup=args.warmup,
-                                   repeats=args.repeats, steps=args.steps, seed=args.seed,
-                                   width=args.width, model_kwargs=kwargs, on_repeat=bar.advance)
+            results = bench_placed(
+                placed,
+                args.model,
+                batch_sizes,
+                modes,
+                warmup=args.warmup,
+                repeats=args.repeats,
+                steps=args.steps,
+                seed=args.seed,
+                width=args.width,
+                model_kwargs=kwargs,
+                on_repeat=bar.advance,
+            )
         overhead = None
         if args.against_plain_loop:
             if placed.layout.placement in ("split", "ranks"):
                 raise ConfigError("--against-plain-loop compares one device: use --placement towers, grouped or auto")
             with progress_bar(args.repeats, "harness against a plain loop", enabled=show) as bar:
-                overhead = measure_overhead(args.model, device=placed.layout.devices[0], batch_size=batch_sizes[0],
-                                            warmup=args.warmup, repeats=args.repeats, steps=args.steps,
-                                            seed=args.seed, on_repeat=bar.advance, **kwargs)
+                overhead = measure_overhead(
+                    args.model,
+                    device=placed.layout.devices[0],
+                    batch_size=batch_sizes[0],
+                    warmup=args.warmup,
+                    repeats=args.repeats,
+                    steps=args.steps,
+                    seed=args.seed,
+                    on_repeat=bar.advance,
+                    **kwargs,
+                )
     finally:
         if env.launched:  # destroy_process_group on every exit path
-            from ..ranks import close_distributed
+            from ..parallel import close_distributed
 
             close_distributed()
     if not env.is_rank0:

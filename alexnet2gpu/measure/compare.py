@@ -19,27 +19,27 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 
+from ..errors import Alexnet2gpuError, ConfigError
+from ..parallel import TorchrunEnv
 from .bench import BenchResult, OverheadResult, machine_info, measure_overhead, run_bench
-from .errors import Alexnet2gpuError, ConfigError
 from .memory import DeviceMemory, MemoryReport, run_memory
-from .torchrun import TorchrunEnv
 
 __all__ = ["CompareConfig", "CompareReport", "Variant", "VARIANTS", "plan_variants", "run_compare", "speedups"]
 
 # name -> (model, placement); the order of the tables
 VARIANTS = {
-    "simplified": ("simplified", "towers"),
+    "simplified": ("simplified", "single"),
     "dual/towers": ("dual", "towers"),
     "dual/grouped": ("dual", "grouped"),
     "dual/split": ("dual", "split"),
     "dual/ranks": ("dual", "ranks"),
-    "half": ("half", "towers"),
-    "torchvision": ("torchvision", "towers"),
+    "half": ("half", "single"),
+    "torchvision": ("torchvision", "single"),
 }
 BASELINES = ("simplified", "dual/towers")  # speed-ups are given against these
 
@@ -69,12 +69,14 @@ class CompareConfig:
         if not self.batch_sizes or min(self.batch_sizes) < 1 or self.memory_batch_size < 1:
             raise ConfigError(f"batch sizes must be >= 1, got {self.batch_sizes} and {self.memory_batch_size}")
         if self.repeats < 1 or self.steps < 1 or self.warmup < 0:
-            raise ConfigError(f"need repeats >= 1, steps >= 1, warmup >= 0; got {self.repeats}, {self.steps}, {self.warmup}")
+            raise ConfigError(
+                f"need repeats >= 1, steps >= 1, warmup >= 0; got {self.repeats}, {self.steps}, {self.warmup}"
+            )
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be at least 1, got {self.threads}")
 
     @classmethod
-    def quick(cls, **overrides) -> "CompareConfig":
+    def quick(cls, **overrides) -> CompareConfig:
         """The same matrix at the real sizes, smaller batches and fewer repeats."""
         values = {"batch_sizes": [8, 16], "memory_batch_size": 16, "repeats": 2}
         values.update(overrides)
@@ -159,17 +161,14 @@ def plan_variants(config: CompareConfig) -> tuple[list[str], dict[str, str]]:
     run, notes = [], {}
     for name in config.variants:
         if name == "dual/ranks":
-            try:
-                import alexnet2gpu.ranks  # noqa: F401
-            except ImportError as error:
-                notes[name] = f"skipped: the ranks placement cannot be imported here ({error})"
-                continue
             if gpus == 1:
                 notes[name] = "skipped: ranks puts one tower per GPU and this machine has 1 GPU"
                 continue
         if name == "dual/split" and gpus < 2:
-            notes[name] = (f"throughput not measured: split needs two GPUs and this machine has {gpus}; "
-                           "memory estimated for two devices (run on cpu,cpu)")
+            notes[name] = (
+                f"throughput not measured: split needs two GPUs and this machine has {gpus}; "
+                "memory estimated for two devices (run on cpu,cpu)"
+            )
         run.append(name)
     return run, notes
 
@@ -195,8 +194,19 @@ def _ranks_job(config: CompareConfig, command: list[str], out: str, notes: list[
     it do at interpreter exit: "terminate called without an active exception"); that is
     said in ``notes``. A job that wrote nothing is tried once more, then reported as one
     error."""
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            "-m", "alexnet2gpu", *command, "--json", out]
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "alexnet2gpu",
+        *command,
+        "--json",
+        out,
+    ]
     env = dict(os.environ)
     if config.threads is not None:
         env["OMP_NUM_THREADS"] = str(config.threads)
@@ -207,22 +217,26 @@ def _ranks_job(config: CompareConfig, command: list[str], out: str, notes: list[
         returncode, stderr = _launch(argv, env, config.ranks_timeout_s)
         if os.path.exists(out):
             if returncode != 0:
-                notes.append(f"`{command[0]}`: a worker exited abnormally ({_why(returncode, stderr)}) after "
-                             "rank 0 had written its complete results")
+                notes.append(
+                    f"`{command[0]}`: a worker exited abnormally ({_why(returncode, stderr)}) after "
+                    "rank 0 had written its complete results"
+                )
             with open(out) as f:
                 return json.load(f)
         failures.append(_why(returncode, stderr))
         if returncode == 0 or "error:" in stderr and "alexnet2gpu" in stderr:
             break  # a usage error or a clean exit without results: trying again cannot help
-    raise Alexnet2gpuError(f"the dual/ranks torchrun job failed: {'; then: '.join(failures)}; "
-                           f"command: {shlex.join(argv)}")
+    raise Alexnet2gpuError(
+        f"the dual/ranks torchrun job failed: {'; then: '.join(failures)}; command: {shlex.join(argv)}"
+    )
 
 
 def _launch(argv: list[str], env: dict, timeout_s: float) -> tuple[int | None, str]:
     """(exit code or None on timeout, stderr). A session of its own, so that a timeout or
     Ctrl-C ends torchrun *and* its workers."""
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         _stdout, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -240,9 +254,11 @@ def _why(returncode: int | None, stderr: str) -> str:
     if returncode is None:
         return stderr
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    for pick in (lambda l: l.startswith("alexnet2gpu ") and ": error:" in l,
-                 lambda l: "Error:" in l and "ChildFailedError" not in l,
-                 lambda l: l.startswith("traceback : Signal") or l.startswith("terminate called")):
+    for pick in (
+        lambda s: s.startswith("alexnet2gpu ") and ": error:" in s,
+        lambda s: "Error:" in s and "ChildFailedError" not in s,
+        lambda s: s.startswith("traceback : Signal") or s.startswith("terminate called"),
+    ):
         found = [line for line in lines if pick(line)]
         if found:
             return f"exit {returncode}: {found[-1]}"
@@ -275,47 +291,100 @@ def _run_ranks(config: CompareConfig) -> Variant:
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="alexnet2gpu-ranks-") as tmp:
         threads = ["--threads", str(config.threads)] if config.threads else []
-        bench = _ranks_job(config, [
-            "bench", "--model", "dual", "--placement", "ranks", *_size_flags(config),
-            "--batch-sizes", ",".join(map(str, config.batch_sizes)), "--mode", "both",
-            "--repeats", str(config.repeats), "--warmup", str(config.warmup), "--steps", str(config.steps),
-            "--seed", str(config.seed), *threads,
-        ], os.path.join(tmp, "bench.json"), notes)
-        memory = _ranks_job(config, [
-            "memory", "--model", "dual", "--placement", "ranks", *_size_flags(config),
-            "--batch-size", str(config.memory_batch_size), "--seed", str(config.seed), *threads,
-        ], os.path.join(tmp, "memory.json"), notes)
+        bench = _ranks_job(
+            config,
+            [
+                "bench",
+                "--model",
+                "dual",
+                "--placement",
+                "ranks",
+                *_size_flags(config),
+                "--batch-sizes",
+                ",".join(map(str, config.batch_sizes)),
+                "--mode",
+                "both",
+                "--repeats",
+                str(config.repeats),
+                "--warmup",
+                str(config.warmup),
+                "--steps",
+                str(config.steps),
+                "--seed",
+                str(config.seed),
+                *threads,
+            ],
+            os.path.join(tmp, "bench.json"),
+            notes,
+        )
+        memory = _ranks_job(
+            config,
+            [
+                "memory",
+                "--model",
+                "dual",
+                "--placement",
+                "ranks",
+                *_size_flags(config),
+                "--batch-size",
+                str(config.memory_batch_size),
+                "--seed",
+                str(config.seed),
+                *threads,
+            ],
+            os.path.join(tmp, "memory.json"),
+            notes,
+        )
     results = [BenchResult(**r) for r in bench["results"]]
     report = _memory_from_json(memory)
     return Variant(
-        name="dual/ranks", model="dual", placement="ranks", devices=results[0].device if results else "",
-        params=_param_count(report), memory=report, results=results,
+        name="dual/ranks",
+        model="dual",
+        placement="ranks",
+        devices=results[0].device if results else "",
+        params=_param_count(report),
+        memory=report,
+        results=results,
         comm_bytes_per_step=report.comm_bytes_per_step,
-        note="; ".join(["2 processes launched with torch.distributed.run (gloo on the CPU), one tower each",
-                        *notes]),
+        note="; ".join(["2 processes launched with torch.distributed.run (gloo on the CPU), one tower each", *notes]),
     )
 
 
 def _run_ranks_here(config: CompareConfig, on_repeat: Callable[[], None] | None) -> Variant:
     """dual/ranks in this torchrun job (every rank calls it): bench and memory collectively."""
     kwargs = config.model_kwargs()
-    results = run_bench("dual", "ranks", None, batch_sizes=config.batch_sizes, warmup=config.warmup,
-                        repeats=config.repeats, steps=config.steps, seed=config.seed, on_repeat=on_repeat,
-                        **kwargs)
+    results = run_bench(
+        "dual",
+        "ranks",
+        None,
+        batch_sizes=config.batch_sizes,
+        warmup=config.warmup,
+        repeats=config.repeats,
+        steps=config.steps,
+        seed=config.seed,
+        on_repeat=on_repeat,
+        **kwargs,
+    )
     report = run_memory("dual", "ranks", None, batch_size=config.memory_batch_size, seed=config.seed, **kwargs)
     if on_repeat is not None:
         on_repeat()
     world = results[0].processes if results else 2
     return Variant(
-        name="dual/ranks", model="dual", placement="ranks", devices=results[0].device if results else "",
-        params=_param_count(report), memory=report, results=results,
+        name="dual/ranks",
+        model="dual",
+        placement="ranks",
+        devices=results[0].device if results else "",
+        params=_param_count(report),
+        memory=report,
+        results=results,
         comm_bytes_per_step=report.comm_bytes_per_step,
         note=f"this torchrun job's {world} processes, one tower each",
     )
 
 
-def _run_single(name: str, config: CompareConfig, measure_throughput: bool,
-                on_repeat: Callable[[], None] | None) -> Variant:
+def _run_single(
+    name: str, config: CompareConfig, measure_throughput: bool, on_repeat: Callable[[], None] | None
+) -> Variant:
     model, placement = VARIANTS[name]
     devices = _devices_for(name)
     kwargs = config.model_kwargs()
@@ -324,13 +393,29 @@ def _run_single(name: str, config: CompareConfig, measure_throughput: bool,
         on_repeat()
     results = []
     if measure_throughput:
-        results = run_bench(model, placement, devices, batch_sizes=config.batch_sizes, warmup=config.warmup,
-                            repeats=config.repeats, steps=config.steps, seed=config.seed, on_repeat=on_repeat,
-                            **kwargs)
+        results = run_bench(
+            model,
+            placement,
+            devices,
+            batch_sizes=config.batch_sizes,
+            warmup=config.warmup,
+            repeats=config.repeats,
+            steps=config.steps,
+            seed=config.seed,
+            on_repeat=on_repeat,
+            **kwargs,
+        )
     label = results[0].device if results else ",".join(devices)
-    return Variant(name=name, model=model, placement=placement, devices=label,
-                   params=_param_count(report), memory=report, results=results,
-                   comm_bytes_per_step=report.comm_bytes_per_step)
+    return Variant(
+        name=name,
+        model=model,
+        placement=placement,
+        devices=label,
+        params=_param_count(report),
+        memory=report,
+        results=results,
+        comm_bytes_per_step=report.comm_bytes_per_step,
+    )
 
 
 def units_of_work(config: CompareConfig, names: list[str]) -> dict[str, int]:
@@ -367,7 +452,7 @@ def run_compare(
         if env.launched and "dual/ranks" in names:
             # Started under torchrun: every rank measures dual/ranks here, then the group is
             # closed and rank 0 alone goes on with the single-process variants.
-            from .ranks import close_distributed
+            from ..parallel import close_distributed
 
             try:
                 variants.append(_run_ranks_here(config, tick("dual/ranks")))
@@ -397,9 +482,15 @@ def run_compare(
             if on_progress:
                 on_progress(0, "harness against a plain loop")
             overhead = measure_overhead(
-                "simplified", device=_devices_for("simplified")[0], batch_size=max(config.batch_sizes),
-                warmup=config.warmup, repeats=config.repeats, steps=config.steps, seed=config.seed,
-                on_repeat=tick("harness against a plain loop"), **config.model_kwargs(),
+                "simplified",
+                device=_devices_for("simplified")[0],
+                batch_size=max(config.batch_sizes),
+                warmup=config.warmup,
+                repeats=config.repeats,
+                steps=config.steps,
+                seed=config.seed,
+                on_repeat=tick("harness against a plain loop"),
+                **config.model_kwargs(),
             )
     finally:
         torch.set_num_threads(previous_threads)
@@ -408,6 +499,11 @@ def run_compare(
     machine = machine_info()
     machine["load_average_before"] = machine_before["load_average"]
     return CompareReport(
-        variants=variants, skipped=skipped, config=asdict(config), machine=machine, overhead=overhead,
-        wall_s=time.perf_counter() - started, command=command,
+        variants=variants,
+        skipped=skipped,
+        config=asdict(config),
+        machine=machine,
+        overhead=overhead,
+        wall_s=time.perf_counter() - started,
+        command=command,
     )

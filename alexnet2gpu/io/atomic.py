@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import BinaryIO, Callable, Mapping
+from typing import BinaryIO
 
 __all__ = ["write_atomic", "write_all_atomic", "fsync_directory"]
 
@@ -18,8 +19,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object], m
     return write_all_atomic({path: write}, mode)[0]
 
 
-def write_all_atomic(writes: Mapping[str | os.PathLike, Callable[[BinaryIO], object]],
-                     mode: int = 0o644) -> list[Path]:
+def write_all_atomic(writes: Mapping[str | os.PathLike, Callable[[BinaryIO], object]], mode: int = 0o644) -> list[Path]:
     """:func:`write_atomic` for several files that belong together (a report and its
     plots): every file is written and fsynced under a temporary name first, and only then
     are they moved into place, so an interruption while writing leaves all the previous

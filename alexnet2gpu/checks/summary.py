@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .models import build_model
-from .placement import place
+from ..models import build_model
+from ..parallel import place
 
 __all__ = ["LayerRecord", "SummaryRecord", "plan_summary"]
 
@@ -48,13 +48,15 @@ def _record_leaves(model: nn.Module, rows: list[LayerRecord]) -> list:
             continue
 
         def hook(mod, _inputs, output, name=name):
-            rows.append(LayerRecord(
-                name=name,
-                kind=type(mod).__name__,
-                device=str(output.device),
-                output_shape=list(output.shape),
-                params=sum(p.numel() for p in mod.parameters(recurse=False)),
-            ))
+            rows.append(
+                LayerRecord(
+                    name=name,
+                    kind=type(mod).__name__,
+                    device=str(output.device),
+                    output_shape=list(output.shape),
+                    params=sum(p.numel() for p in mod.parameters(recurse=False)),
+                )
+            )
 
         handles.append(module.register_forward_hook(hook))
     return handles
@@ -73,8 +75,10 @@ def plan_summary(model_name: str, placement: str = "auto", devices=None, **model
         if layout.placement == "grouped":
             # The fused net calls the towers' kernels through F.conv2d, which module hooks
             # cannot see; its layers are the towers' layers, so plan those on its device.
-            note = ("grouped runs these layers fused: each conv of both towers as one "
-                    "convolution (groups=2 for conv2, conv4, conv5)")
+            note = (
+                "grouped runs these layers fused: each conv of both towers as one "
+                "convolution (groups=2 for conv2, conv4, conv5)"
+            )
             traced = model
         else:
             traced = placed

@@ -37,11 +37,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from ..errors import Alexnet2gpuError, ConfigError
+from ..models import build_model
+from ..parallel import devices_of, forward_loss, place
 from .bench import make_batch, make_optimizer, synchronize, train_step
-from .errors import Alexnet2gpuError, ConfigError
-from .models import build_model
-from .placement import devices_of, place
-from .step import forward_loss
 
 __all__ = [
     "CATEGORIES",
@@ -161,7 +160,9 @@ def _param_counts(placed: nn.Module, slots: int) -> list[int]:
     return counts
 
 
-def _state_bytes(placed: nn.Module, optimizer: torch.optim.Optimizer, slots: int) -> tuple[list[int], list[int], list[int]]:
+def _state_bytes(
+    placed: nn.Module, optimizer: torch.optim.Optimizer, slots: int
+) -> tuple[list[int], list[int], list[int]]:
     """Parameters, gradients and optimizer state (momentum buffers), by owner slot."""
     owners = _owner_slots(placed)
     params = list(placed.parameters())
@@ -208,7 +209,7 @@ class _ActivationAccountant:
             self.bytes[self.slot] += storage.nbytes()
         return t
 
-    def __enter__(self) -> "_ActivationAccountant":
+    def __enter__(self) -> _ActivationAccountant:
         self._hooks.__enter__()
         return self
 
@@ -256,8 +257,9 @@ def _input_slot_bytes(x: torch.Tensor, slots: int) -> list[int]:
     return sizes
 
 
-def estimate_memory(placed: nn.Module, model_name: str, batch_size: int, *, seed: int = 0,
-                    width: float = 1.0) -> MemoryReport:
+def estimate_memory(
+    placed: nn.Module, model_name: str, batch_size: int, *, seed: int = 0, width: float = 1.0
+) -> MemoryReport:
     """Runs one real training step on ``placed`` (wherever it is) and accounts its memory
     per intended device from the tensors. Labelled ``estimated``."""
     labels = _slot_labels(placed)
@@ -276,18 +278,40 @@ def estimate_memory(placed: nn.Module, model_name: str, batch_size: int, *, seed
     ranks_cpu = placed.layout.placement == "ranks" and devices_of(placed)[0].type == "cpu"
     del loss
     return _report(
-        placed, model_name, batch_size, width, optimizer, labels, "estimated",
-        activations=accountant.bytes, peaks=None, input_bytes=_input_slot_bytes(x, slots),
+        placed,
+        model_name,
+        batch_size,
+        width,
+        optimizer,
+        labels,
+        "estimated",
+        activations=accountant.bytes,
+        peaks=None,
+        input_bytes=_input_slot_bytes(x, slots),
         rss_peak_bytes=_rss_peak_bytes() if ranks_cpu else None,
-        note=("estimated: accounted from the tensors of one real step on "
-              f"{','.join(sorted({str(d) for d in devices_of(placed)}))}; "
-              "peak = params + grads + optimizer + activations + input, without temporaries"),
+        note=(
+            "estimated: accounted from the tensors of one real step on "
+            f"{','.join(sorted({str(d) for d in devices_of(placed)}))}; "
+            "peak = params + grads + optimizer + activations + input, without temporaries"
+        ),
     )
 
 
-def _report(placed: nn.Module, model_name: str, batch_size: int, width: float, optimizer, labels: list[str],
-            source: str, *, activations: list[int], peaks: list[int] | None, input_bytes: list[int],
-            rss_peak_bytes: int | None = None, note: str) -> MemoryReport:
+def _report(
+    placed: nn.Module,
+    model_name: str,
+    batch_size: int,
+    width: float,
+    optimizer,
+    labels: list[str],
+    source: str,
+    *,
+    activations: list[int],
+    peaks: list[int] | None,
+    input_bytes: list[int],
+    rss_peak_bytes: int | None = None,
+    note: str,
+) -> MemoryReport:
     """The report for the step just run: state bytes and parameters by owner slot beside
     the ``activations`` and ``peaks`` that the estimator or the allocator gave (``peaks``
     None: the estimate's sum, params + grads + optimizer + activations + input); then the
@@ -300,23 +324,43 @@ def _report(placed: nn.Module, model_name: str, batch_size: int, width: float, o
     counts = _param_counts(placed, slots)
     records = [
         DeviceMemory(
-            device=labels[s], source=source, params=counts[s], params_bytes=p_bytes[s], grads_bytes=g_bytes[s],
-            optimizer_bytes=o_bytes[s], activations_bytes=activations[s], peak_bytes=peaks[s],
-            input_bytes=input_bytes[s], parts=parts_of[s], rss_peak_bytes=rss_peak_bytes,
+            device=labels[s],
+            source=source,
+            params=counts[s],
+            params_bytes=p_bytes[s],
+            grads_bytes=g_bytes[s],
+            optimizer_bytes=o_bytes[s],
+            activations_bytes=activations[s],
+            peak_bytes=peaks[s],
+            input_bytes=input_bytes[s],
+            parts=parts_of[s],
+            rss_peak_bytes=rss_peak_bytes,
         )
         for s in range(slots)
     ]
     comm = _comm_bytes(placed)
     placed.zero_grad(set_to_none=True)
     return MemoryReport(
-        model=model_name, placement=placed.layout.placement, batch_size=batch_size,
-        devices=_gather(records), comm_bytes_per_step=comm, image_size=placed.image_size, width=width,
+        model=model_name,
+        placement=placed.layout.placement,
+        batch_size=batch_size,
+        devices=_gather(records),
+        comm_bytes_per_step=comm,
+        image_size=placed.image_size,
+        width=width,
         note=note,
     )
 
 
-def measure_memory(placed: nn.Module, model_name: str, batch_size: int, *, seed: int = 0,
-                   width: float = 1.0, snapshot: str | None = None) -> MemoryReport:
+def measure_memory(
+    placed: nn.Module,
+    model_name: str,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    width: float = 1.0,
+    snapshot: str | None = None,
+) -> MemoryReport:
     """Measures one training step on CUDA with the caching allocator's statistics, on
     every device in use. ``snapshot``: also write a memory-history pickle for
     pytorch.org/memory_viz (of the measured step)."""
@@ -363,12 +407,20 @@ def measure_memory(placed: nn.Module, model_name: str, batch_size: int, *, seed:
         torch.cuda.memory._record_memory_history(enabled=None)
     del loss
     return _report(
-        placed, model_name, batch_size, width, optimizer, labels, "measured",
+        placed,
+        model_name,
+        batch_size,
+        width,
+        optimizer,
+        labels,
+        "measured",
         activations=[max(0, after_forward[s] - before[s]) for s in range(slots)],
         peaks=peaks,
         input_bytes=[_nbytes(x) if d == x.device else 0 for d in slot_devices],
-        note=("measured: torch.cuda max_memory_allocated per device over one training step after "
-              "a warm-up step; activations = memory_allocated growth during the forward pass"),
+        note=(
+            "measured: torch.cuda max_memory_allocated per device over one training step after "
+            "a warm-up step; activations = memory_allocated growth during the forward pass"
+        ),
     )
 
 
@@ -389,8 +441,17 @@ def _dump_snapshot_atomic(path: str) -> None:
 SOURCES = ("auto", "measured", "estimated")
 
 
-def run_memory(model_name: str, placement: str, devices=None, *, batch_size: int = 64, source: str = "auto",
-               seed: int = 0, snapshot: str | None = None, **model_kwargs) -> MemoryReport:
+def run_memory(
+    model_name: str,
+    placement: str,
+    devices=None,
+    *,
+    batch_size: int = 64,
+    source: str = "auto",
+    seed: int = 0,
+    snapshot: str | None = None,
+    **model_kwargs,
+) -> MemoryReport:
     """Builds and places ``model_name`` and reports its memory for one training step:
     measured where every device is a CUDA device (``source='auto'``), else estimated."""
     if source not in SOURCES:
@@ -434,15 +495,18 @@ class EstimatorCheck:
         return asdict(self)
 
 
-def check_estimator(model_name: str, placement: str, devices, *, batch_size: int = 64, seed: int = 0,
-                    **model_kwargs) -> EstimatorCheck:
+def check_estimator(
+    model_name: str, placement: str, devices, *, batch_size: int = 64, seed: int = 0, **model_kwargs
+) -> EstimatorCheck:
     """Estimates on the CPU (split on ``cpu,cpu``), measures on ``devices`` (CUDA), and
     returns both per device with the estimate's relative error."""
     cpu_devices = ["cpu", "cpu"] if placement == "split" else ["cpu"]
-    estimated = run_memory(model_name, placement, cpu_devices, batch_size=batch_size, source="estimated",
-                           seed=seed, **model_kwargs)
-    measured = run_memory(model_name, placement, devices, batch_size=batch_size, source="measured",
-                          seed=seed, **model_kwargs)
+    estimated = run_memory(
+        model_name, placement, cpu_devices, batch_size=batch_size, source="estimated", seed=seed, **model_kwargs
+    )
+    measured = run_memory(
+        model_name, placement, devices, batch_size=batch_size, source="measured", seed=seed, **model_kwargs
+    )
     rows = []
     for est, mea in zip(estimated.devices, measured.devices):
         row = {"device": mea.device, "estimated_device": est.device}
@@ -457,8 +521,9 @@ def check_estimator(model_name: str, placement: str, devices, *, batch_size: int
 # --- Out of memory (issue 5, item 7) ---
 
 
-def largest_batch_that_fits(model_name: str, placement: str, capacity_bytes: int, slot: int = 0,
-                            **model_kwargs) -> tuple[int, int, int]:
+def largest_batch_that_fits(
+    model_name: str, placement: str, capacity_bytes: int, slot: int = 0, **model_kwargs
+) -> tuple[int, int, int]:
     """(largest batch, fixed bytes, bytes per image) for device ``slot`` of ``placement``,
     from the estimator at batch 1 and 2 on the CPU: the estimated peak grows linearly with
     the batch (activations and input), the rest is fixed (params, grads, optimizer)."""
@@ -505,8 +570,15 @@ def _capacity(error: BaseException, device: str) -> int | None:
     return None
 
 
-def out_of_memory_error(error: BaseException, model_name: str, placed: nn.Module, batch_size: int, mode: str,
-                        *, model_kwargs: dict | None = None) -> Alexnet2gpuError:
+def out_of_memory_error(
+    error: BaseException,
+    model_name: str,
+    placed: nn.Module,
+    batch_size: int,
+    mode: str,
+    *,
+    model_kwargs: dict | None = None,
+) -> Alexnet2gpuError:
     """A one-line error for a CUDA out-of-memory: the device, the batch size, and the
     largest batch the memory estimate says would fit (for a training step)."""
     device, slot = _oom_device(error, placed)
@@ -517,9 +589,14 @@ def out_of_memory_error(error: BaseException, model_name: str, placed: nn.Module
             f"out of memory on {device} at batch size {batch_size} ({what}); its capacity is unknown: "
             "try a smaller batch size"
         )
-    fits, fixed, per_image = largest_batch_that_fits(model_name, placed.layout.placement, capacity, slot,
-                                                     **(model_kwargs or {}))
-    advice = f"use a batch size of at most {fits}" if fits >= 1 else "the model alone does not fit: use a smaller --width or more devices"
+    fits, fixed, per_image = largest_batch_that_fits(
+        model_name, placed.layout.placement, capacity, slot, **(model_kwargs or {})
+    )
+    advice = (
+        f"use a batch size of at most {fits}"
+        if fits >= 1
+        else "the model alone does not fit: use a smaller --width or more devices"
+    )
     return Alexnet2gpuError(
         f"out of memory on {device} at batch size {batch_size} ({what}): the memory estimate says "
         f"batch {fits} is the largest that fits in its {_size(capacity)} "

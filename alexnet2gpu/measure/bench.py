@@ -24,17 +24,16 @@ import platform
 import re
 import statistics
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
-from .models import build_model
-from .placement import devices_of, place
-from .step import forward_loss
+from ..errors import ConfigError
+from ..models import build_model, is_two_tower
+from ..parallel import devices_of, forward_loss, own_forward_placement, place
 
 __all__ = [
     "MODES",
@@ -165,8 +164,7 @@ def check_batch_sizes(placed: nn.Module, sizes: list[int]) -> None:
     bad = [b for b in sizes if b % dp]
     if bad:
         raise ConfigError(
-            f"batch size {bad[0]} does not divide among {dp} data-parallel replicas: "
-            f"use a multiple of {dp}"
+            f"batch size {bad[0]} does not divide among {dp} data-parallel replicas: use a multiple of {dp}"
         )
 
 
@@ -196,8 +194,7 @@ def make_batch(placed: nn.Module, batch_size: int, *, seed: int = 0) -> tuple[to
     device = _input_device(placed)
     n = _local_batch(placed, batch_size)
     generator = torch.Generator(device=device).manual_seed(seed)
-    x = torch.randn(n, placed.in_channels, placed.image_size, placed.image_size,
-                    device=device, generator=generator)
+    x = torch.randn(n, placed.in_channels, placed.image_size, placed.image_size, device=device, generator=generator)
     y = torch.randint(0, placed.num_classes, (n,), device=device, generator=generator)
     return x, y
 
@@ -225,8 +222,16 @@ def synchronize(devices: Iterable[torch.device]) -> None:
         torch.distributed.barrier()
 
 
-def time_repeats(step: Callable[[], None], devices, *, warmup: int, repeats: int, steps: int,
-                 on_repeat: Callable[[], None] | None = None, cpu_seconds: list[float] | None = None) -> list[float]:
+def time_repeats(
+    step: Callable[[], None],
+    devices,
+    *,
+    warmup: int,
+    repeats: int,
+    steps: int,
+    on_repeat: Callable[[], None] | None = None,
+    cpu_seconds: list[float] | None = None,
+) -> list[float]:
     """Seconds per step for each of ``repeats`` timings of ``steps`` calls of ``step``,
     after ``warmup`` untimed calls, with every device synchronised around each timing.
     ``cpu_seconds``, if given, receives this process's CPU time per step for each repeat."""
@@ -302,9 +307,15 @@ def bench_placed(
                 if mode == "train":
                     placed.train()
                     optimizer = make_optimizer(placed)
-                    seconds = time_repeats(lambda: train_step(placed, optimizer, x, y), devices,
-                                           warmup=warmup, repeats=repeats, steps=steps, on_repeat=on_repeat,
-                                           cpu_seconds=cpu)
+                    seconds = time_repeats(
+                        lambda: train_step(placed, optimizer, x, y),  # noqa: B023 (called before the loop moves on)
+                        devices,
+                        warmup=warmup,
+                        repeats=repeats,
+                        steps=steps,
+                        on_repeat=on_repeat,
+                        cpu_seconds=cpu,
+                    )
                     del optimizer
                     placed.zero_grad(set_to_none=True)
                 else:
@@ -312,25 +323,44 @@ def bench_placed(
 
                     def infer() -> None:
                         with torch.inference_mode():
-                            placed(x)
+                            placed(x)  # noqa: B023 (called before the loop moves on)
 
-                    seconds = time_repeats(infer, devices, warmup=warmup, repeats=repeats, steps=steps,
-                                           on_repeat=on_repeat, cpu_seconds=cpu)
+                    seconds = time_repeats(
+                        infer,
+                        devices,
+                        warmup=warmup,
+                        repeats=repeats,
+                        steps=steps,
+                        on_repeat=on_repeat,
+                        cpu_seconds=cpu,
+                    )
             except torch.OutOfMemoryError as error:
                 placed.zero_grad(set_to_none=True)
                 from .memory import out_of_memory_error
 
-                raise out_of_memory_error(error, model_name, placed, batch_size, mode,
-                                          model_kwargs=model_kwargs) from None
+                raise out_of_memory_error(
+                    error, model_name, placed, batch_size, mode, model_kwargs=model_kwargs
+                ) from None
             median, spread, rates = _summarise(batch_size, seconds)
             cpu = _busiest(cpu)
-            results.append(BenchResult(
-                model=model_name, placement=layout.placement, mode=mode, batch_size=batch_size,
-                images_per_s=median, spread=spread, device=label, repeats_images_per_s=rates,
-                steps_per_repeat=steps, image_size=placed.image_size, width=width,
-                threads=_threads(), processes=layout.world_size, cpu_s_per_step=statistics.median(cpu),
-            ))
-        del x, y
+            results.append(
+                BenchResult(
+                    model=model_name,
+                    placement=layout.placement,
+                    mode=mode,
+                    batch_size=batch_size,
+                    images_per_s=median,
+                    spread=spread,
+                    device=label,
+                    repeats_images_per_s=rates,
+                    steps_per_repeat=steps,
+                    image_size=placed.image_size,
+                    width=width,
+                    threads=_threads(),
+                    processes=layout.world_size,
+                    cpu_s_per_step=statistics.median(cpu),
+                )
+            )
     placed.train()
     return results
 
@@ -353,9 +383,19 @@ def run_bench(
     torch.manual_seed(seed)
     model = build_model(model_name, **model_kwargs)
     placed = place(model, placement, devices)
-    return bench_placed(placed, model_name, batch_sizes, modes, warmup=warmup, repeats=repeats,
-                        steps=steps, seed=seed, width=model_kwargs.get("width", 1.0), model_kwargs=model_kwargs,
-                        on_repeat=on_repeat)
+    return bench_placed(
+        placed,
+        model_name,
+        batch_sizes,
+        modes,
+        warmup=warmup,
+        repeats=repeats,
+        steps=steps,
+        seed=seed,
+        width=model_kwargs.get("width", 1.0),
+        model_kwargs=model_kwargs,
+        on_repeat=on_repeat,
+    )
 
 
 def measure_overhead(
@@ -376,7 +416,7 @@ def measure_overhead(
     device = torch.device(device)
     torch.manual_seed(seed)
     model = build_model(model_name, **model_kwargs)
-    placed = place(model, "towers", [device])
+    placed = place(model, own_forward_placement(is_two_tower(model)), [device])
     x, y = make_batch(placed, batch_size, seed=seed)
     harness_opt = make_optimizer(placed)
 
@@ -409,11 +449,20 @@ def measure_overhead(
     plain_rate = batch_size / statistics.median(plain_times)
     harness_best, plain_best = batch_size / min(harness), batch_size / min(plain_times)
     return OverheadResult(
-        model=model_name, batch_size=batch_size, device=str(device),
-        harness_images_per_s=harness_rate, plain_images_per_s=plain_rate,
-        overhead=plain_rate / harness_rate - 1.0, repeats=repeats, steps_per_repeat=steps,
-        image_size=placed.image_size, threads=_threads(), harness_best_images_per_s=harness_best,
-        plain_best_images_per_s=plain_best, overhead_best=plain_best / harness_best - 1.0,
-        harness_cpu_s_per_step=statistics.median(harness_cpu), plain_cpu_s_per_step=statistics.median(plain_cpu),
+        model=model_name,
+        batch_size=batch_size,
+        device=str(device),
+        harness_images_per_s=harness_rate,
+        plain_images_per_s=plain_rate,
+        overhead=plain_rate / harness_rate - 1.0,
+        repeats=repeats,
+        steps_per_repeat=steps,
+        image_size=placed.image_size,
+        threads=_threads(),
+        harness_best_images_per_s=harness_best,
+        plain_best_images_per_s=plain_best,
+        overhead_best=plain_best / harness_best - 1.0,
+        harness_cpu_s_per_step=statistics.median(harness_cpu),
+        plain_cpu_s_per_step=statistics.median(plain_cpu),
         overhead_cpu=statistics.median(harness_cpu) / statistics.median(plain_cpu) - 1.0,
     )

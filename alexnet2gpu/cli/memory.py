@@ -9,32 +9,44 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import add_model_arguments, add_placement_arguments, model_kwargs
 from ..errors import Alexnet2gpuError
+from .arguments import add_model_arguments, add_placement_arguments, model_kwargs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_placement_arguments(parser)
-    parser.add_argument("--batch-size", type=int, default=64, help="batch size (global under ranks) (default: %(default)s)")
-    parser.add_argument("--source", choices=("auto", "measured", "estimated"), default="auto",
-                        help="measured (CUDA allocator), estimated (from tensors, any device), or auto: measured "
-                             "where every device is a GPU (default: %(default)s)")
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="batch size (global under ranks) (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--source",
+        choices=("auto", "measured", "estimated"),
+        default="auto",
+        help="measured (CUDA allocator), estimated (from tensors, any device), or auto: measured "
+        "where every device is a GPU (default: %(default)s)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the weights and the batch (default: %(default)s)")
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH ('-' for stdout)")
-    parser.add_argument("--snapshot", metavar="PATH",
-                        help="CUDA only: write a memory-history pickle of the step that pytorch.org/memory_viz opens")
-    parser.add_argument("--check-estimate", action="store_true",
-                        help="CUDA only: compare the CPU estimate with the measured step, per device")
+    parser.add_argument(
+        "--snapshot",
+        metavar="PATH",
+        help="CUDA only: write a memory-history pickle of the step that pytorch.org/memory_viz opens",
+    )
+    parser.add_argument(
+        "--check-estimate",
+        action="store_true",
+        help="CUDA only: compare the CPU estimate with the measured step, per device",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..errors import ConfigError
-    from ..memory import check_estimator, run_memory
-    from ..torchrun import TorchrunEnv
+    from ..measure.memory import check_estimator, run_memory
+    from ..parallel import TorchrunEnv
 
     if args.threads is not None:
         if args.threads < 1:
@@ -45,8 +57,9 @@ def run(args: argparse.Namespace) -> int:
     if args.check_estimate:
         if not torch.cuda.is_available():
             raise ConfigError("--check-estimate measures on CUDA and this machine has no CUDA device")
-        check = check_estimator(args.model, args.placement, args.devices, batch_size=args.batch_size,
-                                seed=args.seed, **kwargs)
+        check = check_estimator(
+            args.model, args.placement, args.devices, batch_size=args.batch_size, seed=args.seed, **kwargs
+        )
         from ..report import console, write_json
 
         for row in check.devices:
@@ -54,16 +67,25 @@ def run(args: argparse.Namespace) -> int:
                 f"{row['device']}: peak estimated {row['estimated_peak_bytes'] / 2**20:,.1f} MiB, measured "
                 f"{row['measured_peak_bytes'] / 2**20:,.1f} MiB ({100 * row['peak_rel_err']:+.1f} %); activations "
                 f"estimated {row['estimated_activations_bytes'] / 2**20:,.1f}, measured "
-                f"{row['measured_activations_bytes'] / 2**20:,.1f} MiB ({100 * row['activations_rel_err']:+.1f} %)")
+                f"{row['measured_activations_bytes'] / 2**20:,.1f} MiB ({100 * row['activations_rel_err']:+.1f} %)"
+            )
         if args.json:
             write_json(args.json, check.to_json())
         return 0
     try:
-        report = run_memory(args.model, args.placement, args.devices, batch_size=args.batch_size,
-                            source=args.source, seed=args.seed, snapshot=args.snapshot, **kwargs)
+        report = run_memory(
+            args.model,
+            args.placement,
+            args.devices,
+            batch_size=args.batch_size,
+            source=args.source,
+            seed=args.seed,
+            snapshot=args.snapshot,
+            **kwargs,
+        )
     finally:
         if env.launched:  # destroy_process_group on every exit path
-            from ..ranks import close_distributed
+            from ..parallel import close_distributed
 
             close_distributed()
     if not env.is_rank0:

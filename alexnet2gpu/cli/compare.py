@@ -18,30 +18,52 @@ from ..errors import Alexnet2gpuError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="compare-out", metavar="DIR",
-                        help="folder for compare.json, compare.md and the plots (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smaller batches (8,16; memory at 16) and 2 repeats: under 2 minutes on a 2-core CPU")
-    parser.add_argument("--variants", default=None,
-                        help="comma-separated subset, e.g. simplified,dual/towers (default: all: "
-                             "simplified, dual/towers, dual/grouped, dual/split, dual/ranks, half, torchvision)")
+    parser.add_argument(
+        "--out",
+        default="compare-out",
+        metavar="DIR",
+        help="folder for compare.json, compare.md and the plots (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller batches (8,16; memory at 16) and 2 repeats: under 2 minutes on a 2-core CPU",
+    )
+    parser.add_argument(
+        "--variants",
+        default=None,
+        help="comma-separated subset, e.g. simplified,dual/towers (default: all: "
+        "simplified, dual/towers, dual/grouped, dual/split, dual/ranks, half, torchvision)",
+    )
     parser.add_argument("--batch-sizes", default=None, help="throughput sweep (default: 16,32,64; --quick 8,16)")
-    parser.add_argument("--memory-batch-size", type=int, default=None, help="batch of the memory step (default: 64; --quick 16)")
+    parser.add_argument(
+        "--memory-batch-size", type=int, default=None, help="batch of the memory step (default: 64; --quick 16)"
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per figure (default: 3; --quick 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 1)")
     parser.add_argument("--steps", type=int, default=None, help="steps per timed repeat (default: 1)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads per process, also for each of the 2 ranks processes; 0 for torch's "
-                             "choice (default: %(default)s, so ranks' 2 processes x 1 thread meet towers' 1 x 1)")
-    parser.add_argument("--image-size", type=int, default=None, help="input side for every net (default: each net's own)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads per process, also for each of the 2 ranks processes; 0 for torch's "
+        "choice (default: %(default)s, so ranks' 2 processes x 1 thread meet towers' 1 x 1)",
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="input side for every net (default: each net's own)"
+    )
     parser.add_argument("--width", type=float, default=None, help="width multiplier for every net (default: 1)")
-    parser.add_argument("--overhead", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time bench against a plain PyTorch loop on the simplified net (default: on)")
+    parser.add_argument(
+        "--overhead",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time bench against a plain PyTorch loop on the simplified net (default: on)",
+    )
 
 
 def config_from_args(args: argparse.Namespace):
-    from ..bench import parse_batch_sizes
-    from ..compare import CompareConfig
+    from ..measure.bench import parse_batch_sizes
+    from ..measure.compare import CompareConfig
 
     overrides = {}
     if args.variants:
@@ -63,8 +85,9 @@ def _check_out_dir(out: str) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ConfigError(f"--out {out}: cannot create the folder ({error.strerror or error}); "
-                          "give a folder you can write to") from None
+        raise ConfigError(
+            f"--out {out}: cannot create the folder ({error.strerror or error}); give a folder you can write to"
+        ) from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(f"--out {out}: the folder is not writable; give a folder you can write to")
 
@@ -72,10 +95,10 @@ def _check_out_dir(out: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..compare import run_compare, units_of_work, plan_variants
+    from ..measure.compare import plan_variants, run_compare, units_of_work
+    from ..parallel import TorchrunEnv
     from ..report.bench import progress_bar
     from ..report.compare import render_compare, write_compare
-    from ..torchrun import TorchrunEnv
 
     config = config_from_args(args)
     env = TorchrunEnv.from_environ()
@@ -85,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
     total = sum(units_of_work(config, names).values()) + (config.repeats if config.overhead else 0)
     command = shlex.join(["alexnet2gpu", *sys.argv[1:]]) if sys.argv[1:2] == ["compare"] else "alexnet2gpu compare"
     with progress_bar(total, "compare", enabled=env.is_rank0) as bar:
+
         def on_progress(units: int, description: str) -> None:
             bar.advance(units, description=description)
 

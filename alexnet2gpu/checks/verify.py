@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .models import DualAlexNet, build_model, init_xavier_, seed_dropout, smallest_image_size
-from .placement import parse_devices, place
+from ..models import DualAlexNet, build_model, init_xavier_, seed_dropout, smallest_image_size
+from ..parallel import parse_devices, place
 
 __all__ = ["PlacementCheck", "available_placements", "check_placement", "relative_error", "TOLERANCE"]
 

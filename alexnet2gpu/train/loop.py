@@ -40,22 +40,31 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import Alexnet2gpuError, ConfigError
-from .models import DualAlexNet, build_model, init_paper_, init_xavier_, seed_dropout
-from .placement import place
-from .step import forward_loss
-from .torchrun import TorchrunEnv
+from ..errors import Alexnet2gpuError, ConfigError
+from ..models import build_model, seed_dropout
+from ..models.init import init_paper_, init_xavier_
+from ..parallel import TorchrunEnv, forward_loss, place
+from .checkpointing import capture_rng_state, restore_rng_state
 
-__all__ = ["RECIPES", "Recipe", "TrainConfig", "TrainResult", "train", "optimizer_state_by_name",
-           "load_optimizer_state_by_name", "SYNTHETIC_EPOCH_STEPS"]
+__all__ = [
+    "RECIPES",
+    "Recipe",
+    "TrainConfig",
+    "TrainResult",
+    "train",
+    "optimizer_state_by_name",
+    "load_optimizer_state_by_name",
+    "SYNTHETIC_EPOCH_STEPS",
+]
 
 CHECKPOINT_FORMAT = 1
 
@@ -76,11 +85,9 @@ class Recipe:
 RECIPES = {
     # [paper] section 5: SGD, batch 128, momentum 0.9, weight decay 0.0005, lr 0.01 divided
     # by 10 "when the validation error rate stopped improving", roughly 90 cycles.
-    "paper": Recipe(init="paper", lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=128, epochs=90,
-                    plateau=True),
+    "paper": Recipe(init="paper", lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=128, epochs=90, plateau=True),
     # The seed's set-up ([d2l] 8.1.4): Xavier-uniform, plain SGD lr 0.01, batch 128, 10 epochs.
-    "d2l": Recipe(init="xavier", lr=0.01, momentum=0.0, weight_decay=0.0, batch_size=128, epochs=10,
-                  plateau=False),
+    "d2l": Recipe(init="xavier", lr=0.01, momentum=0.0, weight_decay=0.0, batch_size=128, epochs=10, plateau=False),
 }
 PLATEAU_PATIENCE = 1  # evaluations without improvement before lr /= 10 (the paper gives none)
 SYNTHETIC_EPOCH_STEPS = 50  # synthetic data has no epochs: evaluate every 50 steps
@@ -132,7 +139,9 @@ class TrainConfig:
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         if self.checkpoint_every < 0 or self.keep < 1:
-            raise ConfigError(f"--checkpoint-every must be >= 0 and keep >= 1, got {self.checkpoint_every}, {self.keep}")
+            raise ConfigError(
+                f"--checkpoint-every must be >= 0 and keep >= 1, got {self.checkpoint_every}, {self.keep}"
+            )
         if self.timeout <= 0:
             raise ConfigError(f"--timeout must be positive seconds, got {self.timeout}")
         if self.resume and not self.checkpoint_dir and self.resume is True:
@@ -217,8 +226,10 @@ def optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) 
         for p, i in zip(group["params"], saved["params"]):
             index_to_name[i] = names[id(p)]
     return {
-        "state": {index_to_name[i]: {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
-                                     for k, v in s.items()} for i, s in sd["state"].items()},
+        "state": {
+            index_to_name[i]: {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in s.items()}
+            for i, s in sd["state"].items()
+        },
         "param_groups": [{**g, "params": [index_to_name[i] for i in g["params"]]} for g in sd["param_groups"]],
     }
 
@@ -234,41 +245,68 @@ def load_optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimi
         if missing:
             raise ConfigError(f"the checkpoint's optimizer state lacks {missing[0]}: it belongs to another model")
     group = {k: v for k, v in named["param_groups"][0].items() if k != "params"}
-    optimizer.load_state_dict({
-        "state": {index[n]: s for n, s in named["state"].items() if n in index},
-        "param_groups": [{**group, "params": list(range(len(ids)))}],
-    })
+    optimizer.load_state_dict(
+        {
+            "state": {index[n]: s for n, s in named["state"].items() if n in index},
+            "param_groups": [{**group, "params": list(range(len(ids)))}],
+        }
+    )
 
 
 # --------------------------------------------------------------------------- data
 
 
-def _build_data(config: TrainConfig, image_size: int, in_channels: int, dp_size: int, dp_rank: int,
-                device: torch.device):
+def _build_data(
+    config: TrainConfig, image_size: int, in_channels: int, dp_size: int, dp_rank: int, device: torch.device
+):
     """(train loader, test loader, num_classes, description, ten_crop)."""
     batch = config.hyper.batch_size
     if config.data == "synthetic":
-        from .data.synthetic import SyntheticLoader
-        from .models import DEFAULTS
+        from ..data.synthetic import SyntheticLoader
+        from ..models import DEFAULTS
 
         if config.ten_crop:
             raise ConfigError("--ten-crop needs an image folder (--data PATH)")
         classes = config.num_classes or DEFAULTS[config.model][1]
-        kw = dict(seed=config.seed, global_batch=batch, in_channels=in_channels, image_size=image_size,
-                  num_classes=classes, dp_size=dp_size, dp_rank=dp_rank)
+        kw = dict(
+            seed=config.seed,
+            global_batch=batch,
+            in_channels=in_channels,
+            image_size=image_size,
+            num_classes=classes,
+            dp_size=dp_size,
+            dp_rank=dp_rank,
+        )
         train_loader = SyntheticLoader(**kw, batches=SYNTHETIC_EPOCH_STEPS)
         # Held-out batches: steps numbered from -1 downwards never appear in training.
-        test_loader = SyntheticLoader(**kw, offset=-10**9, batches=SYNTHETIC_EVAL_BATCHES)
-        return train_loader, test_loader, classes, f"synthetic N(0, 1) images, {classes} classes, seed {config.seed}", False
+        test_loader = SyntheticLoader(**kw, offset=-(10**9), batches=SYNTHETIC_EVAL_BATCHES)
+        return (
+            train_loader,
+            test_loader,
+            classes,
+            f"synthetic N(0, 1) images, {classes} classes, seed {config.seed}",
+            False,
+        )
     if config.data != "fashion-mnist" and not Path(config.data).exists():
-        raise ConfigError(f"--data {config.data}: no such folder; use fashion-mnist, synthetic or a folder "
-                          "with train/ and val/")
-    from .data import build_loaders
+        raise ConfigError(
+            f"--data {config.data}: no such folder; use fashion-mnist, synthetic or a folder with train/ and val/"
+        )
+    from ..data import build_loaders
 
-    loaders = build_loaders(config.data, image_size=image_size, in_channels=in_channels, global_batch=batch,
-                            dp_rank=dp_rank, dp_size=dp_size, seed=config.seed, data_dir=config.data_dir,
-                            train_subset=config.train_subset, ten_crop=config.ten_crop,
-                            num_workers=config.workers, device=device)
+    loaders = build_loaders(
+        config.data,
+        image_size=image_size,
+        in_channels=in_channels,
+        global_batch=batch,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        seed=config.seed,
+        data_dir=config.data_dir,
+        train_subset=config.train_subset,
+        ten_crop=config.ten_crop,
+        num_workers=config.workers,
+        device=device,
+    )
     return loaders.train, loaders.test, loaders.num_classes, loaders.description, loaders.ten_crop
 
 
@@ -327,8 +365,11 @@ class _Progress:
         for r in silent:
             try:
                 key = f"alexnet2gpu/progress/{r}"
-                steps.append(f"rank {r} (last began step {int(self.store.get(key)) + 1})"
-                             if self.store.check([key]) else f"rank {r}")
+                steps.append(
+                    f"rank {r} (last began step {int(self.store.get(key)) + 1})"
+                    if self.store.check([key])
+                    else f"rank {r}"
+                )
             except BaseException:
                 steps.append(f"rank {r}")
         return f"; not responding (dead or hung): {', '.join(steps)}"
@@ -368,8 +409,14 @@ class _Job:
 def _build_net(config: TrainConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     """The net from the run seed, initialised by the recipe (paper: [paper] 5; d2l: Xavier)."""
     torch.manual_seed(config.seed)
-    model = build_model(config.model, in_channels=in_channels, num_classes=num_classes, image_size=image_size,
-                        width=config.width, dropout=config.dropout)
+    model = build_model(
+        config.model,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        image_size=image_size,
+        width=config.width,
+        dropout=config.dropout,
+    )
     (init_paper_ if config.hyper.init == "paper" else init_xavier_)(model)
     return model
 
@@ -419,7 +466,7 @@ def train(config: TrainConfig, display_factory: Callable[..., Any] | None = None
     if config.threads:
         torch.set_num_threads(config.threads)
     if job.distributed:
-        from .ranks import close_distributed, init_distributed
+        from ..parallel import close_distributed, init_distributed
 
         init_distributed(config.devices, timeout_s=config.timeout)
         try:
@@ -433,11 +480,11 @@ def train(config: TrainConfig, display_factory: Callable[..., Any] | None = None
 
 
 def _train(job: _Job, display_factory) -> TrainResult:
-    from . import checkpoint as ckpt
-    from .ranks import full_state_dict, load_full_state_dict
+    from ..io import checkpoints as ckpt
+    from ..parallel import full_state_dict, load_full_state_dict
 
     config, hyper = job.config, job.config.hyper
-    from .models import DEFAULTS
+    from ..models import DEFAULTS
 
     default_c, _, default_s = DEFAULTS.get(config.model, (3, 1000, 227))
     in_channels = config.in_channels or default_c
@@ -449,21 +496,25 @@ def _train(job: _Job, display_factory) -> TrainResult:
     dp_rank = job.env.rank // 2 if job.distributed else 0
     device_hint = _first_device(config, job)
     train_loader, test_loader, num_classes, data_words, ten_crop = _build_data(
-        config, image_size, in_channels, dp_size, dp_rank, device_hint)
+        config, image_size, in_channels, dp_size, dp_rank, device_hint
+    )
     model = _build_net(config, num_classes, in_channels, image_size)
     placed = place(model, config.placement, config.devices)
     layout = placed.layout
     device = layout.devices[0]
     rank0 = job.env.is_rank0 if job.distributed else True
     is_loss_rank = getattr(placed, "is_loss_rank", True)
-    replica = getattr(placed, "dp_rank", 0)
+    replica = layout.replica
     seed_dropout(placed, config.seed, replica=replica)
 
-    optimizer = torch.optim.SGD(placed.parameters(), lr=hyper.lr, momentum=hyper.momentum,
-                                weight_decay=hyper.weight_decay)
-    scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.1,
-                                                            patience=PLATEAU_PATIENCE)
-                 if hyper.plateau else None)
+    optimizer = torch.optim.SGD(
+        placed.parameters(), lr=hyper.lr, momentum=hyper.momentum, weight_decay=hyper.weight_decay
+    )
+    scheduler = (
+        torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.1, patience=PLATEAU_PATIENCE)
+        if hyper.plateau
+        else None
+    )
     steps_per_epoch = train_loader.batches_per_epoch
     total_steps = config.steps or hyper.epochs * steps_per_epoch
     step, resumed_from = 0, None
@@ -481,7 +532,7 @@ def _train(job: _Job, display_factory) -> TrainResult:
         replicas = rng.pop("replica_dropout", None)
         if replicas and replica < len(replicas):
             rng["dropout"] = replicas[replica]
-        ckpt.restore_rng_state(placed, rng)
+        restore_rng_state(placed, rng)
         train_loader.load_state_dict(state["data"])
         step, resumed_from = int(state["step"]), str(source)
 
@@ -489,9 +540,16 @@ def _train(job: _Job, display_factory) -> TrainResult:
     if resumed_from:
         metrics.write({"event": "resume", "step": step, "checkpoint": resumed_from})
     header = {
-        "model": config.model, "placement": layout.placement, "device": _device_words(placed, job.env.world_size),
-        "data": data_words, "recipe": config.recipe, "batch_size": hyper.batch_size, "steps": total_steps,
-        "image_size": image_size, "in_channels": in_channels, "lr": optimizer.param_groups[0]["lr"],
+        "model": config.model,
+        "placement": layout.placement,
+        "device": _device_words(placed, job.env.world_size),
+        "data": data_words,
+        "recipe": config.recipe,
+        "batch_size": hyper.batch_size,
+        "steps": total_steps,
+        "image_size": image_size,
+        "in_channels": in_channels,
+        "lr": optimizer.param_groups[0]["lr"],
         "resumed_from": resumed_from,
     }
     display = display_factory(total_steps, header) if (display_factory and rank0) else None
@@ -516,10 +574,11 @@ def _train(job: _Job, display_factory) -> TrainResult:
             return
         finite = job.all_sum([0.0 if _weights_finite(placed) else 1.0])[0] == 0.0
         if not finite:
-            raise Alexnet2gpuError(f"the weights are non-finite at step {step}: no checkpoint written "
-                                   f"(the previous one in {config.checkpoint_dir} is kept)")
-        state = _checkpoint_state(job, placed, optimizer, scheduler, train_loader, step, config,
-                                  full_state_dict)
+            raise Alexnet2gpuError(
+                f"the weights are non-finite at step {step}: no checkpoint written "
+                f"(the previous one in {config.checkpoint_dir} is kept)"
+            )
+        state = _checkpoint_state(job, placed, optimizer, scheduler, train_loader, step, config, full_state_dict)
         if rank0:
             saved_path = str(ckpt.save_in_directory(config.checkpoint_dir, step, state, keep=config.keep))
             metrics.write({"event": "checkpoint", "step": step, "path": saved_path})
@@ -552,18 +611,28 @@ def _train(job: _Job, display_factory) -> TrainResult:
                     # One all-reduce: the loss and accuracy for the display, and the
                     # non-finite flags, so that every rank takes the same decision.
                     loss_sum, correct_sum, seen, bad_loss, bad_a, bad_b = job.all_sum(
-                        [0.0 if bad_loss else local_loss, correct, float(len(y)) if is_loss_rank else 0.0,
-                         bad_loss, bad_a, bad_b])
+                        [
+                            0.0 if bad_loss else local_loss,
+                            correct,
+                            float(len(y)) if is_loss_rank else 0.0,
+                            bad_loss,
+                            bad_a,
+                            bad_b,
+                        ]
+                    )
                 except RuntimeError as error:
                     raise _collective_failure(job, progress, step + 1, error) from None
                 nonfinite = bool(bad_loss or bad_a or bad_b)
                 if nonfinite:
                     message = _nonfinite_message(step + 1, bad_loss, bad_a, bad_b)
-                    metrics.write({"event": "nonfinite", "step": step + 1, "action": config.on_nonfinite,
-                                   "message": message})
+                    metrics.write(
+                        {"event": "nonfinite", "step": step + 1, "action": config.on_nonfinite, "message": message}
+                    )
                     if config.on_nonfinite == "stop":
-                        raise Alexnet2gpuError(f"{message}: stopped (--on-nonfinite skip skips such steps); "
-                                               "no checkpoint was written for it")
+                        raise Alexnet2gpuError(
+                            f"{message}: stopped (--on-nonfinite skip skips such steps); "
+                            "no checkpoint was written for it"
+                        )
                     optimizer.zero_grad(set_to_none=True)
                     skipped += 1
                     if display:
@@ -574,11 +643,15 @@ def _train(job: _Job, display_factory) -> TrainResult:
                 dt = time.perf_counter() - t0
                 train_seconds += dt
                 images += seen
-                record = StepRecord(step=step, epoch=epoch,
-                                    loss=float("nan") if nonfinite else loss_sum / dp_size,
-                                    accuracy=correct_sum / seen if seen else 0.0,
-                                    lr=optimizer.param_groups[0]["lr"],
-                                    images_per_s=seen / dt if dt > 0 else 0.0, skipped=nonfinite)
+                record = StepRecord(
+                    step=step,
+                    epoch=epoch,
+                    loss=float("nan") if nonfinite else loss_sum / dp_size,
+                    accuracy=correct_sum / seen if seen else 0.0,
+                    lr=optimizer.param_groups[0]["lr"],
+                    images_per_s=seen / dt if dt > 0 else 0.0,
+                    skipped=nonfinite,
+                )
                 if not nonfinite:
                     run.add(record.loss, correct_sum, seen)
                 metrics.write(record.to_json())
@@ -586,16 +659,21 @@ def _train(job: _Job, display_factory) -> TrainResult:
                     display.update(record)
                 # A checkpoint at an epoch's last batch waits for that epoch's evaluation
                 # (below), so that a resumed run has seen the same scheduler steps.
-                if (config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps
-                        and train_loader.state_dict()["epoch"] == epoch):
+                if (
+                    config.checkpoint_every
+                    and step % config.checkpoint_every == 0
+                    and step < total_steps
+                    and train_loader.state_dict()["epoch"] == epoch
+                ):
                     save()
                 if step >= total_steps:
                     break  # before the loader fetches a batch that this run will not train on
             epoch_complete = train_loader.state_dict()["epoch"] > epoch
             if epoch_complete or step >= total_steps:
                 test_accuracy, test_images = _evaluate(job, placed, test_loader, device, ten_crop, is_loss_rank)
-                metrics.write(EvalRecord(step=step, epoch=epoch, test_accuracy=test_accuracy,
-                                         test_images=test_images).to_json())
+                metrics.write(
+                    EvalRecord(step=step, epoch=epoch, test_accuracy=test_accuracy, test_images=test_images).to_json()
+                )
                 if display:
                     display.evaluated(step, test_accuracy)
                 if scheduler is not None and epoch_complete:
@@ -617,18 +695,27 @@ def _train(job: _Job, display_factory) -> TrainResult:
         metrics.close()
     loss, train_accuracy = run.summary()
     result = TrainResult(
-        placement=layout.placement, device=_device_words(placed, job.env.world_size), steps=step,
-        epochs_done=round(step / steps_per_epoch, 3), loss=loss, train_accuracy=train_accuracy,
-        test_accuracy=test_accuracy, images_per_s=images / train_seconds if train_seconds else 0.0,
-        train_seconds=train_seconds, skipped_steps=skipped, resumed_from=resumed_from, checkpoint=saved_path,
-        history=history_of(metrics))
+        placement=layout.placement,
+        device=_device_words(placed, job.env.world_size),
+        steps=step,
+        epochs_done=round(step / steps_per_epoch, 3),
+        loss=loss,
+        train_accuracy=train_accuracy,
+        test_accuracy=test_accuracy,
+        images_per_s=images / train_seconds if train_seconds else 0.0,
+        train_seconds=train_seconds,
+        skipped_steps=skipped,
+        resumed_from=resumed_from,
+        checkpoint=saved_path,
+        history=history_of(metrics),
+    )
     if rank0 and config.metrics:
         with open(config.metrics, "a") as f:
             f.write(json.dumps(result.to_json()) + "\n")
     return result
 
 
-def history_of(metrics: "_Metrics") -> list:
+def history_of(metrics: _Metrics) -> list:
     return metrics.records
 
 
@@ -679,7 +766,7 @@ class _Metrics:
 
 
 def _first_device(config: TrainConfig, job: _Job) -> torch.device:
-    from .placement import default_device, parse_devices
+    from ..parallel import default_device, parse_devices
 
     devices = parse_devices(config.devices)
     if job.distributed:
@@ -690,7 +777,7 @@ def _first_device(config: TrainConfig, job: _Job) -> torch.device:
 
 
 def _resume_source(config: TrainConfig) -> Path | None:
-    from .checkpoint import newest_checkpoint
+    from ..io.checkpoints import newest_checkpoint
 
     if config.resume is False:
         return None
@@ -705,7 +792,7 @@ def _resume_source(config: TrainConfig) -> Path | None:
 def _load_everywhere(job: _Job, source: Path) -> dict:
     """Rank 0 reads and verifies the checkpoint and sends it to every rank (other nodes
     need not see rank 0's disk); one process just reads it."""
-    from .checkpoint import load_checkpoint
+    from ..io.checkpoints import load_checkpoint
 
     if not job.distributed:
         return load_checkpoint(source)
@@ -730,15 +817,17 @@ def _check_config(state: dict, config: TrainConfig, source: Path) -> None:
     for key in ("model", "batch_size", "seed", "data"):
         mine = getattr(config.hyper, key) if key == "batch_size" else getattr(config, key)
         if key in saved and saved[key] != mine:
-            raise ConfigError(f"{source} was written with --{key.replace('_', '-')} {saved[key]}, this run has "
-                              f"{mine}: resume with the same setting")
+            raise ConfigError(
+                f"{source} was written with --{key.replace('_', '-')} {saved[key]}, this run has "
+                f"{mine}: resume with the same setting"
+            )
 
 
-def _checkpoint_state(job: _Job, placed: nn.Module, optimizer, scheduler, train_loader, step: int,
-                      config: TrainConfig, full_state_dict) -> dict:
+def _checkpoint_state(
+    job: _Job, placed: nn.Module, optimizer, scheduler, train_loader, step: int, config: TrainConfig, full_state_dict
+) -> dict:
     """The checkpoint (on every rank; only rank 0 writes it). Under ``ranks`` the towers'
     weights, optimizer states and dropout generators are gathered first."""
-    from .checkpoint import capture_rng_state
 
     model_state = full_state_dict(placed)
     optim_state = optimizer_state_by_name(placed, optimizer)
@@ -764,22 +853,30 @@ def _checkpoint_state(job: _Job, placed: nn.Module, optimizer, scheduler, train_
         "epoch": train_loader.state_dict()["epoch"],
         "data": train_loader.state_dict(),
         "rng": rng,
-        "config": {"model": config.model, "width": config.width, "batch_size": config.hyper.batch_size,
-                   "seed": config.seed, "data": config.data, "recipe": config.recipe,
-                   "placement": placed.layout.placement, "world_size": placed.layout.world_size},
+        "config": {
+            "model": config.model,
+            "width": config.width,
+            "batch_size": config.hyper.batch_size,
+            "seed": config.seed,
+            "data": config.data,
+            "recipe": config.recipe,
+            "placement": placed.layout.placement,
+            "world_size": placed.layout.world_size,
+        },
     }
 
 
 @torch.no_grad()
-def _evaluate(job: _Job, placed: nn.Module, loader, device: torch.device, ten_crop: bool,
-              is_loss_rank: bool) -> tuple[float, int]:
+def _evaluate(
+    job: _Job, placed: nn.Module, loader, device: torch.device, ten_crop: bool, is_loss_rank: bool
+) -> tuple[float, int]:
     """Test accuracy over the whole test split (the replicas' shards summed)."""
     placed.eval()
     correct = total = 0.0
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if ten_crop:
-            from .data import ten_crop_predict
+            from ..data import ten_crop_predict
 
             scores = ten_crop_predict(placed, x)
         else:

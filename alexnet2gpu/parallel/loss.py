@@ -3,12 +3,12 @@
 The loss is computed once, on the device that holds fc8 ([cfg]: softmax and loss on the
 first GPU). Every process calls ``forward_loss(...).backward()``; under ``ranks`` the
 tower that does not hold fc8 gets a surrogate whose backward runs its side of the
-exchanges' backward (see :mod:`alexnet2gpu.ranks`).
+exchanges' backward (see :mod:`alexnet2gpu.parallel.ranks`).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +24,8 @@ def forward_loss(
     criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
 ) -> torch.Tensor:
     """Runs ``placed`` on ``x`` and returns the loss against ``y`` (on the logits' device)."""
-    layout = getattr(placed, "layout", None)
-    if layout is not None and layout.placement == "ranks":
-        return placed.forward_loss(x, y, criterion)
+    own_loss = getattr(placed, "forward_loss", None)  # a placement whose loss is a collective
+    if own_loss is not None:
+        return own_loss(x, y, criterion)
     logits = placed(x)
     return criterion(logits, y.to(logits.device))

@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import argparse
 
-from ..verify import TOLERANCE, available_placements, check_placement
+from ..checks.verify import TOLERANCE, available_placements, check_placement
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=float, default=1 / 16, help="width multiplier of the test net (default: 1/16)")
-    parser.add_argument("--image-size", type=int, default=None, help="input side (default: the smallest that works, 64)")
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="input side (default: the smallest that works, 64)"
+    )
     parser.add_argument("--batch-size", type=int, default=4, help="batch size (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for weights, batch and dropout (default: %(default)s)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed for weights, batch and dropout (default: %(default)s)"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-' for stdout)")
 
 
@@ -23,8 +27,9 @@ def run(args: argparse.Namespace) -> int:
     from ..report.summary import render_checks
 
     checks = [
-        check_placement(placement, devices, width=args.width, image_size=args.image_size,
-                        batch_size=args.batch_size, seed=args.seed)
+        check_placement(
+            placement, devices, width=args.width, image_size=args.image_size, batch_size=args.batch_size, seed=args.seed
+        )
         for placement, devices in available_placements()
     ]
     if args.json != "-":

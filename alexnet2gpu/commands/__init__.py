@@ -1,1 +1,0 @@
-"""One module per `alexnet2gpu` sub-command: ``add_arguments(parser)`` and ``run(args)``."""

@@ -1,0 +1,190 @@
+"""Layers the 2012 net needs beyond ``torch.nn``: local response normalisation with a
+closed-form backward, conv1's edge padding, and dropout drawn per tower.
+
+Sources:
+  [paper]  Krizhevsky, Sutskever, Hinton, NIPS 2012, section 3.3 (LRN), 4.2 (dropout).
+  [cfg]    computerhistory/AlexNet-Source-Code, layers/layers-145.cfg.
+  [caffe]  BVLC Caffe, src/caffe/layers/lrn_layer.cpp (``CrossChannelForward_cpu`` and
+           ``CrossChannelBackward_cpu``); cuda-convnet's ``convResponseNormCrossMap`` is the
+           same computation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from .sizes import conv1_out_2012
+
+__all__ = [
+    "LRN_ALPHA",
+    "LRN_BETA",
+    "LRN_K",
+    "LRN_SIZE",
+    "Conv1Padding",
+    "LocalResponseNorm",
+    "TowerDropout",
+    "local_response_norm",
+    "seed_dropout",
+]
+
+# Local response normalisation, [paper] section 3.3: k=2, n=5, alpha=1e-4, beta=0.75.
+# PyTorch (like Caffe and the released code's layer.py) divides alpha by n inside the sum;
+# see docs/architecture.md.
+LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K = 5, 1e-4, 0.75, 2.0
+
+
+def _window_sum(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """Sum over channels ``c - before .. c + after`` (clipped at the edges) along dim -3.
+
+    ``before + after`` shifted in-place adds: no padded copy and no pooling kernel, so this
+    is one memory-bound pass per shift (``F.local_response_norm`` pads, then runs
+    ``avg_pool3d`` over the squares)."""
+    out = x.clone()
+    channels = x.shape[-3]
+    for d in range(1, min(before, channels - 1) + 1):
+        out[..., d:, :, :] += x[..., : channels - d, :, :]
+    for d in range(1, min(after, channels - 1) + 1):
+        out[..., : channels - d, :, :] += x[..., d:, :, :]
+    return out
+
+
+class _LRNFunction(torch.autograd.Function):
+    """y = x * scale^-beta, scale = k + alpha/n * sum over the channel window of x^2.
+
+    Backward in closed form, as [caffe]'s ``CrossChannelBackward``:
+        dx = dy * scale^-beta - (2 * alpha * beta / n) * x * windowsum'(dy * y / scale)
+    where windowsum' runs over the transposed window. Saves only ``x`` (which the ReLU
+    before it keeps anyway) and ``scale``; ``F.local_response_norm`` keeps about four
+    activation-sized tensors."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, size: int, alpha: float, beta: float, k: float, groups: int):
+        n, c = x.shape[0], x.shape[1]
+        grouped = x.view(n, groups, c // groups, *x.shape[2:])
+        before, after = size // 2, (size - 1) // 2  # F.local_response_norm's padding
+        scale = _window_sum(grouped * grouped, before, after).mul_(alpha / size).add_(k).view_as(x)
+        ctx.save_for_backward(x, scale)
+        ctx.size, ctx.alpha, ctx.beta, ctx.groups = size, alpha, beta, groups
+        return x * scale.pow(-beta)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, scale = ctx.saved_tensors
+        size, alpha, beta, groups = ctx.size, ctx.alpha, ctx.beta, ctx.groups
+        scale_pow = scale.pow(-beta)
+        # dy * y / scale = dy * x * scale^(-beta - 1)
+        ratio = (dy * x * scale_pow).div_(scale)
+        n, c = x.shape[0], x.shape[1]
+        ratio = ratio.view(n, groups, c // groups, *x.shape[2:])
+        before, after = size // 2, (size - 1) // 2
+        summed = _window_sum(ratio, after, before).view_as(x)  # the transposed window
+        dx = dy * scale_pow - summed.mul_(x).mul_(2.0 * alpha * beta / size)
+        return dx, None, None, None, None, None
+
+
+def local_response_norm(
+    x: torch.Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0, groups: int = 1
+) -> torch.Tensor:
+    """``F.local_response_norm(x, size, alpha, beta, k)`` for ``[N, C, H, W]`` input,
+    applied within each of ``groups`` equal blocks of channels (never across them)."""
+    if x.dim() != 4:
+        raise ValueError(f"local_response_norm takes [N, C, H, W], got {list(x.shape)}")
+    if x.shape[1] % groups:
+        raise ValueError(f"{x.shape[1]} channels do not split into {groups} groups")
+    return _LRNFunction.apply(x, size, alpha, beta, k, groups)
+
+
+class LocalResponseNorm(nn.Module):
+    """``nn.LocalResponseNorm`` with the closed-form backward of :func:`local_response_norm`
+    (the same function; tests check it against ``nn.LocalResponseNorm``)."""
+
+    def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> None:
+        super().__init__()
+        self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
+
+    def forward(self, x: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        return local_response_norm(x, self.size, self.alpha, self.beta, self.k, groups)
+
+    def extra_repr(self) -> str:
+        return f"{self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"
+
+
+def paper_lrn() -> LocalResponseNorm:
+    """The LRN of [paper] section 3.3."""
+    return LocalResponseNorm(LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K)
+
+
+class Conv1Padding(nn.Module):
+    """Pads right and bottom so that conv1 (11x11, stride 4) covers the image the way the
+    released code did: 224 -> 227 -> 55x55 [cfg]. A no-op at 227."""
+
+    def __init__(self, image_size: int) -> None:
+        super().__init__()
+        self.pad = (conv1_out_2012(image_size) - 1) * 4 + 11 - image_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x, (0, self.pad, 0, self.pad)) if self.pad else x
+
+    def extra_repr(self) -> str:
+        return f"right_bottom={self.pad}"
+
+
+def _tower_seed(seed: int, tower: int, replica: int) -> int:
+    """A 63-bit generator seed per (run seed, data-parallel replica, tower)."""
+    digest = hashlib.sha256(f"alexnet2gpu/{seed}/{replica}/{tower}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class TowerDropout(nn.Module):
+    """Dropout whose masks come from this tower's own generator, not the global RNG.
+
+    Every placement then draws the same masks for the same run seed: whether the towers run
+    one after the other, fused, on two devices or in two processes ([paper] section 4.2,
+    p = 0.5 in fc6 and fc7). The generator lives on the device of the activations and is
+    (re)created from ``seed`` when that device changes; :func:`seed_dropout` sets the seed.
+    """
+
+    def __init__(self, p: float, tower: int) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {p}")
+        self.p = p
+        self.tower = tower
+        self.seed = _tower_seed(0, tower, 0)
+        self.generator: torch.Generator | None = None
+
+    def reseed(self, seed: int, replica: int = 0) -> None:
+        self.seed = _tower_seed(seed, self.tower, replica)
+        self.generator = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        # Masks are drawn in float32 whatever the activations' dtype, so that a float64
+        # reference and a float32 run draw the same masks.
+        mask = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        if x.is_meta or torch._subclasses.fake_tensor.is_fake(x):
+            # Planning without hardware: masks carry no values, so no generator is needed.
+            mask.bernoulli_(keep)
+        else:
+            if self.generator is None or self.generator.device != x.device:
+                self.generator = torch.Generator(device=x.device).manual_seed(self.seed)
+            mask.bernoulli_(keep, generator=self.generator)
+        return x * mask.to(x.dtype) * (1.0 / keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, tower={self.tower}"
+
+
+def seed_dropout(model: nn.Module, seed: int, replica: int = 0) -> None:
+    """Seeds every tower's dropout generator from one run seed (and the replica index
+    under data parallelism, so that replicas draw different masks)."""
+    for module in model.modules():
+        if isinstance(module, TowerDropout):
+            module.reseed(seed, replica)

@@ -1,0 +1,94 @@
+"""One :func:`place` call: a model in, the module to call out, with ``.layout`` saying
+where it runs. The model itself never changes: a placement moves its towers and supplies
+the exchange (:mod:`.grouped`, :mod:`.split`, :mod:`.ranks`); every placed model keeps the
+parameter names of :class:`~alexnet2gpu.models.DualAlexNet`, so state dicts and
+checkpoints move freely between placements.
+
+A new placement: a name in ``layout.TWO_TOWER_PLACEMENTS`` (and its device count), a
+module with a :class:`~.schedule.PlacedDual` subclass that supplies its exchange, and one
+entry in ``_PLACERS`` below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..models import is_two_tower
+from .grouped import GroupedDualAlexNet
+from .layout import Layout, resolve_layout
+from .ranks import place_ranks
+from .split import SplitDualAlexNet
+
+__all__ = ["devices_of", "place"]
+
+
+def _is_plan(model: nn.Module) -> bool:
+    """A model on the meta device is a plan: placing it allocates nothing real."""
+    return any(p.is_meta for p in model.parameters())
+
+
+def _move(module: nn.Module, device: torch.device, plan: bool) -> nn.Module:
+    # A plan is materialised uninitialised (as torchtitan does); under FakeTensorMode that
+    # makes fake tensors on `device`, which need no such device to exist.
+    return module.to_empty(device=device) if plan else module.to(device)
+
+
+def _place_on_one_device(model: nn.Module, layout: Layout, plan: bool) -> nn.Module:
+    return _move(model, layout.device, plan)
+
+
+def _place_grouped(model: nn.Module, layout: Layout, plan: bool) -> nn.Module:
+    return GroupedDualAlexNet(_move(model, layout.device, plan), layout)
+
+
+def _place_split(model: nn.Module, layout: Layout, plan: bool) -> nn.Module:
+    device_a, device_b = layout.devices
+    _move(model.tower_a, device_a, plan)
+    _move(model.tower_b, device_b, plan)
+    _move(model.fc8, device_a, plan)
+    return SplitDualAlexNet(model, layout)
+
+
+def _place_ranks(model: nn.Module, layout: Layout, plan: bool) -> nn.Module:
+    return place_ranks(model, layout)
+
+
+_PLACERS: dict[str, Callable[[nn.Module, Layout, bool], nn.Module]] = {
+    "single": _place_on_one_device,
+    "towers": _place_on_one_device,  # DualAlexNet's own forward joins the towers with torch.cat
+    "grouped": _place_grouped,
+    "split": _place_split,
+    "ranks": _place_ranks,
+}
+
+
+def place(model: nn.Module, placement: str | Layout = "auto", devices=None) -> nn.Module:
+    """Places ``model`` and returns the module to call; its ``layout`` says where it runs.
+
+    ``placement`` is a name (see :data:`~.layout.PLACEMENTS`) or a resolved
+    :class:`~.layout.Layout`. ``devices`` is a list (or comma-separated string) of devices:
+    one for ``towers``, ``grouped`` and ``single`` (default: the first GPU, else the CPU),
+    two for ``split`` (default: cuda:0, cuda:1). ``auto`` chooses and says why in
+    ``layout.reason`` (and the log). A model built on the meta device is a plan: it is
+    materialised uninitialised, which under ``FakeTensorMode`` allocates nothing and needs
+    none of the devices.
+    """
+    plan = _is_plan(model)
+    if isinstance(placement, Layout):
+        layout = placement
+    else:
+        layout = resolve_layout(placement, devices, two_tower=is_two_tower(model), plan=plan)
+    placed = _PLACERS[layout.placement](model, layout, plan)
+    placed.layout = layout
+    return placed
+
+
+def devices_of(model: nn.Module) -> tuple[torch.device, ...]:
+    """The devices a placed model uses, in order."""
+    layout = getattr(model, "layout", None)
+    if layout is not None:
+        return layout.devices
+    return tuple(dict.fromkeys(p.device for p in model.parameters()))

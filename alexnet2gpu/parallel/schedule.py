@@ -1,0 +1,56 @@
+"""What every placed two-tower net shares: the towers under the dual net's parameter
+names, its :class:`~alexnet2gpu.parallel.layout.Layout`, and the byte counter of its
+exchanges. The schedule itself is :func:`alexnet2gpu.models.dual.run_towers`; a placement
+supplies its :class:`~alexnet2gpu.models.dual.Exchange` and the columns it runs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..models.dual import DualAlexNet, Exchange, run_towers
+from .layout import Layout
+
+__all__ = ["ExchangeCounter", "PlacedDual"]
+
+
+class ExchangeCounter:
+    """Bytes that crossed between the towers' devices, forward and backward, counted at
+    the exchanges themselves (so ``split`` on ``cpu,cpu`` counts what two GPUs would send)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.transfers = 0
+
+    def add(self, tensor: torch.Tensor) -> None:
+        self.bytes += tensor.numel() * tensor.element_size()
+        self.transfers += 1
+
+    def reset(self) -> None:
+        self.bytes = self.transfers = 0
+
+
+class PlacedDual(nn.Module):
+    """Holds the towers and fc8 of a :class:`DualAlexNet` under the same names and runs the
+    schedule with ``self.exchange``; a subclass sets the exchange (and, if it runs other
+    columns than the two towers, overrides :meth:`columns`)."""
+
+    exchange: Exchange
+
+    def __init__(self, model: DualAlexNet, layout: Layout) -> None:
+        super().__init__()
+        self.tower_a, self.tower_b, self.fc8 = model.tower_a, model.tower_b, model.fc8
+        self.in_channels, self.num_classes = model.in_channels, model.num_classes
+        self.image_size = model.image_size
+        self.layout = layout
+
+    towers = DualAlexNet.towers
+    check_input = DualAlexNet.check_input
+
+    def columns(self) -> tuple:
+        return self.tower_a.stage, self.tower_b.stage
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return run_towers(self.columns(), x, self.exchange, self.fc8)
