@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from alexnet2gpu import build_model, smallest_image_size
+from alexnet2gpu import build_model
 
-TINY = {"width": 1 / 16, "image_size": smallest_image_size("dual")}  # 64 px, conv widths 3-12
+from .tiny import TINY
 
 
 @pytest.fixture(autouse=True)

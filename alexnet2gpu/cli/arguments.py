@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
+from ..errors import ConfigError
 from ..models import MODEL_NAMES
 from ..parallel import PLACEMENTS
 
-__all__ = ["add_model_arguments", "add_placement_arguments", "model_kwargs"]
+__all__ = ["add_model_arguments", "add_placement_arguments", "check_output_dir", "check_output_file", "model_kwargs"]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "dual") -> None:
@@ -58,3 +61,40 @@ def model_kwargs(args: argparse.Namespace) -> dict:
         "width": args.width,
         "dropout": args.dropout,
     }
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_file(path: str | None, flag: str) -> None:
+    """Refuses, before any work starts, an output file that cannot be written: a folder, a
+    file in a folder that cannot be created, or an unwritable place. ``-`` (stdout) and
+    None pass."""
+    if path is None or path == "-":
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder: give a file path, e.g. {target / 'out.json'}")
+    parent = _nearest_existing(target.parent)
+    if not parent.is_dir():
+        raise ConfigError(f"{flag} {path}: {parent} is a file, so the folder cannot be created")
+    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ConfigError(f"{flag} {path}: not writable")
+
+
+def check_output_dir(path: str | None, flag: str) -> None:
+    """Refuses, before any work starts, an output folder that is a file or cannot be
+    created or written."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"{flag} {path} is a file: give a folder")
+    parent = _nearest_existing(target)
+    if not parent.is_dir():
+        raise ConfigError(f"{flag} {path}: {parent} is a file, so the folder cannot be created")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"{flag} {path}: not writable")
