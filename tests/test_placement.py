@@ -19,9 +19,10 @@ from alexnet2gpu import (
 )
 from alexnet2gpu.checks.verify import TOLERANCE, available_placements, check_placement, relative_error
 from alexnet2gpu.models import init_xavier_
-from alexnet2gpu.parallel import forward_loss
+from alexnet2gpu.parallel import TWO_TOWER_PLACEMENTS, forward_loss
 from alexnet2gpu.parallel import split as split_mod
 
+from .close import assert_close_relative
 from .conftest import TINY
 
 PLACEMENTS = [("towers", "cpu"), ("grouped", "cpu"), ("split", "cpu,cpu")]
@@ -60,11 +61,11 @@ def test_placements_agree_in_float32_with_dropout(xavier_dual, batch, placement,
     x, y = batch
     ref_logits, ref_loss, ref_grads = run(copy.deepcopy(xavier_dual), x, y)
     logits, loss, grads = run(place(copy.deepcopy(xavier_dual), placement, devices), x, y)
-    assert relative_error(logits, ref_logits) < 1e-5
-    assert relative_error(loss, ref_loss) < 1e-5
+    assert_close_relative(logits, ref_logits, 1e-5)
+    assert_close_relative(loss, ref_loss, 1e-5)
     assert grads.keys() == ref_grads.keys()
     for name in ref_grads:
-        assert relative_error(grads[name], ref_grads[name]) < 1e-5, name
+        assert_close_relative(grads[name], ref_grads[name], 1e-5, msg=name)
 
 
 def test_dropout_is_active_and_seeded(xavier_dual, batch):
@@ -131,7 +132,7 @@ def test_grouped_layout_is_caffes_function(xavier_dual, batch):
     h = F.relu(F.linear(h.flatten(1), g["fc6.weight"], g["fc6.bias"]))
     h = F.relu(F.linear(h, g["fc7.weight"], g["fc7.bias"]))
     logits = F.linear(h, g["fc8.weight"], g["fc8.bias"])
-    assert relative_error(logits, net(x)) < 1e-5
+    assert_close_relative(logits, net(x), 1e-5)
 
 
 class CrossingLog(TorchDispatchMode):
@@ -221,9 +222,14 @@ def test_auto_says_what_it_chose_and_why(tiny_dual, monkeypatch):
     assert placed.layout.reason
 
 
-def test_available_placements_here():
-    names = [p for p, _ in available_placements()]
-    assert names == ["towers", "grouped", "split"]
+def test_every_placement_this_machine_lists_runs_on_devices_it_has():
+    """verify checks what available_placements lists: every single-process placement of
+    the two-tower net, each on devices that place() accepts here."""
+    listed = available_placements()
+    assert {p for p, _ in listed} == set(TWO_TOWER_PLACEMENTS) - {"ranks"}
+    for placement, devices in listed:
+        placed = place(build_model("dual", **TINY), placement, devices)
+        assert [str(d) for d in placed.layout.devices] == devices
 
 
 @pytest.mark.parametrize(

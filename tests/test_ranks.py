@@ -11,6 +11,7 @@ from alexnet2gpu.data.synthetic import synthetic_batch
 from alexnet2gpu.models import init_xavier_
 from alexnet2gpu.parallel import forward_loss
 
+from .close import assert_close_relative
 from .dist_launch import ROOT, run_torchrun
 
 WORKER = str(ROOT / "tests" / "dist_ranks_worker.py")
@@ -24,11 +25,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
 def _towers_reference(steps: int, batch_size: int, dropout: float, lr: float = 0.01):
@@ -66,11 +62,11 @@ def _check_against_towers(got: dict, steps: int, batch_size: int, dropout: float
         assert abs(a - b) / abs(b) < TOLERANCE, f"step {step}: ranks {a} vs towers {b}"
     assert list(got["after"]) == list(after)  # the same keys, in the same order
     for name in after:
-        assert _rel(got["before"][name], before[name]) == 0.0, name
-        assert _rel(got["after"][name], after[name]) < TOLERANCE, name
+        assert torch.equal(got["before"][name], before[name]), name
+        assert_close_relative(got["after"][name], after[name], TOLERANCE, msg=name)
         # The update itself, a much stricter check: a doubled or missing gradient would be
         # off by 100 %, float summation order accounts for ~1e-5.
-        assert _rel(got["after"][name] - got["before"][name], after[name] - before[name]) < 1e-3, name
+        assert_close_relative(got["after"][name] - got["before"][name], after[name] - before[name], 1e-3, msg=name)
         assert not torch.equal(got["after"][name], got["before"][name]), f"{name} was not updated"
 
 

@@ -14,7 +14,9 @@ Exchanges ([paper] section 3.5, figure 2):
   gradient at all. (``_functional_collectives.all_gather_single_autograd`` computes the
   same, but with gloo and torch 2.14 its asynchronous work made about one run in five
   abort at exit, "terminate called without an active exception"; the synchronous
-  ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` pair never did in our runs.)
+  ``all_gather_single`` / ``reduce_scatter_single`` pair never did in our runs. They are
+  torch 2.14's names for ``all_gather_into_tensor`` / ``reduce_scatter_tensor``, which
+  now print a FutureWarning.)
 * 4 (fc8 reads both towers, on the first device): tower b's fc7 output goes to tower rank
   0 by ``dist.send``/``dist.recv`` (:class:`_SendToTowerA` / :class:`_ReceiveFromTowerB`);
   backward returns its gradient the same way.
@@ -56,8 +58,8 @@ TOWER_NAMES = ("tower_a", "tower_b")
 
 class _GatherTowers(torch.autograd.Function):
     """Exchanges 1-3: ``[tower a | tower b]`` along dim 1 on both tower ranks, from each
-    rank's own ``[N, C, ...]`` output (``dist.all_gather_into_tensor``). Backward is a
-    reduce-scatter (``dist.reduce_scatter_tensor``, SUM): each tower's gradient is the sum of
+    rank's own ``[N, C, ...]`` output (``dist.all_gather_single``). Backward is a
+    reduce-scatter (``dist.reduce_scatter_single``, SUM): each tower's gradient is the sum of
     what both towers' next layers send back for its half."""
 
     @staticmethod
@@ -66,7 +68,7 @@ class _GatherTowers(torch.autograd.Function):
         tensor = tensor.contiguous()
         counter.add(tensor)  # sent to the other tower
         gathered = tensor.new_empty((2 * tensor.shape[0], *tensor.shape[1:]))
-        dist.all_gather_into_tensor(gathered, tensor, group=group)  # [a; b] along dim 0
+        dist.all_gather_single(gathered, tensor, group=group)  # [a; b] along dim 0
         return torch.cat(gathered.chunk(2), dim=1)
 
     @staticmethod
@@ -74,7 +76,7 @@ class _GatherTowers(torch.autograd.Function):
         halves = torch.cat(grad.chunk(2, dim=1), dim=0).contiguous()  # [grad for a; grad for b]
         mine = halves.new_empty((halves.shape[0] // 2, *halves.shape[1:]))
         ctx.counter.add(mine)  # the other tower's half goes to it
-        dist.reduce_scatter_tensor(mine, halves, group=ctx.group)
+        dist.reduce_scatter_single(mine, halves, group=ctx.group)
         return mine, None, None
 
 
