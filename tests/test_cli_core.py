@@ -107,3 +107,13 @@ def test_python_dash_m_works():
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["model"] == "simplified"
+
+
+@pytest.mark.parametrize("command", ["summary", "verify"])
+@pytest.mark.parametrize("where", ["a folder", "inside a file"])
+def test_an_unusable_json_path_is_refused_before_any_work(capsys, tmp_path, command, where):
+    (tmp_path / "file").write_text("")
+    path = tmp_path if where == "a folder" else tmp_path / "file" / "out.json"
+    assert main([command, "--json", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"alexnet2gpu {command}: error: --json {path}")

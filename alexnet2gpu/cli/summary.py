@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from ..checks.summary import plan_summary
-from .arguments import add_model_arguments, add_placement_arguments, model_kwargs
+from .arguments import add_model_arguments, add_placement_arguments, check_output_file, model_kwargs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +20,7 @@ def run(args: argparse.Namespace) -> int:
     from ..report import write_json
     from ..report.summary import render_summary
 
+    check_output_file(args.json, "--json")
     record = plan_summary(args.model, args.placement, args.devices, **model_kwargs(args))
     if args.json != "-":
         render_summary(record)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from ..checks.verify import TOLERANCE, available_placements, check_placement
+from .arguments import check_output_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from ..report import write_json
     from ..report.summary import render_checks
 
+    check_output_file(args.json, "--json")
     checks = [
         check_placement(
             placement, devices, width=args.width, image_size=args.image_size, batch_size=args.batch_size, seed=args.seed
