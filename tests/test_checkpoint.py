@@ -27,6 +27,8 @@ from alexnet2gpu.io.checkpoints import (
 )
 from alexnet2gpu.train.checkpointing import capture_rng_state, restore_rng_state
 
+from .tiny import TINY_SIZE, tiny
+
 
 def _state(step: int, n: int = 16) -> dict:
     return {"step": step, "weights": torch.full((n,), float(step)), "name": "x"}
@@ -179,11 +181,11 @@ def test_kill_while_writing_leaves_previous_checkpoint(tmp_path):
 
 def _tiny_dual() -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model("dual", width=1 / 16, image_size=67, num_classes=5).train()
+    return build_model("dual", **tiny("dual"), num_classes=5).train()
 
 
 def test_rng_state_continues_exactly_through_a_checkpoint(tmp_path):
-    x = torch.randn(2, 3, 67, 67)
+    x = torch.randn(2, 3, TINY_SIZE["dual"], TINY_SIZE["dual"])
     model = _tiny_dual()
     model(x)  # the dropout generators now exist and have advanced
     save_checkpoint(tmp_path / "rng.pt", {"model": model.state_dict(), "rng": capture_rng_state(model)})
@@ -203,7 +205,7 @@ def test_rng_state_continues_exactly_through_a_checkpoint(tmp_path):
 
 
 def test_lazy_generator_stays_lazy_and_matches(tmp_path):
-    x = torch.randn(2, 3, 67, 67)
+    x = torch.randn(2, 3, TINY_SIZE["dual"], TINY_SIZE["dual"])
     model = _tiny_dual()
     state = capture_rng_state(model)  # before any forward: no generator yet
     expected = model(x)
@@ -233,10 +235,10 @@ def test_data_position_and_rng_resume_a_training_run_bit_for_bit(tmp_path):
 
     def run(steps, resume_from=None, stop_at=None):
         torch.manual_seed(0)
-        model = build_model("dual", width=1 / 16, image_size=64, num_classes=10).train()
+        model = build_model("dual", **tiny("dual"), num_classes=10).train()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         loader = build_loaders(
-            "fashion-mnist", image_size=64, in_channels=3, global_batch=8, seed=7, data_dir=folder
+            "fashion-mnist", image_size=TINY_SIZE["dual"], in_channels=3, global_batch=8, seed=7, data_dir=folder
         ).train
         step, losses = 0, []
         if resume_from is not None:

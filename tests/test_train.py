@@ -13,30 +13,29 @@ from alexnet2gpu.cli import main
 from alexnet2gpu.data.synthetic import replica_slice
 from alexnet2gpu.errors import Alexnet2gpuError, ConfigError
 from alexnet2gpu.io.checkpoints import load_checkpoint
-from alexnet2gpu.train.loop import TrainConfig, train
+from alexnet2gpu.train import TrainConfig, train
 
 from .dist_launch import run_torchrun, torchrun_env
+from .tiny import TINY_ARGS, TINY_SIZE, tiny
 
+# The tiny dual net on synthetic data, in one process.
 TINY = dict(
     model="dual",
     data="synthetic",
-    width=1 / 16,
-    image_size=64,
+    **tiny("dual"),
     num_classes=10,
     batch_size=4,
     placement="towers",
     devices="cpu",
 )
+# The same under torchrun, one tower per process.
 TINY_FLAGS = [
     "-m",
     "alexnet2gpu",
     "train",
     "--data",
     "synthetic",
-    "--width",
-    "0.0625",
-    "--image-size",
-    "64",
+    *TINY_ARGS,
     "--num-classes",
     "10",
     "--batch-size",
@@ -62,17 +61,15 @@ def _steps(metrics_path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in lines if r["event"] == "step"}
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
-
-
 def _assert_weights_close(got: dict, want: dict, tol: float = 1e-5) -> None:
+    """Every tensor within ``tol`` of the largest magnitude in its counterpart."""
     assert list(got) == list(want)
     for name in want:
-        assert _rel(got[name], want[name]) < tol, name
+        scale = float(want[name].abs().max())
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=tol * scale, msg=name)
 
 
-@pytest.mark.parametrize("model, size", [("dual", 64), ("simplified", 65)])
+@pytest.mark.parametrize("model, size", [("dual", TINY_SIZE["dual"]), ("simplified", TINY_SIZE["simplified"])])
 def test_resume_is_bit_exact_across_epoch_boundaries(tmp_path, model, size):
     # 48 training images in batches of 16: 3 steps an epoch, so 8 steps cross two epoch
     # ends (an evaluation and a plateau-scheduler step each) after the checkpoint at 4,
@@ -176,16 +173,14 @@ def test_nonfinite_gradient_stops_naming_step_and_tower(tmp_path, monkeypatch):
 )
 def test_bad_flags_give_one_line_and_exit_2(capsys, monkeypatch, argv, message):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    code = main(
-        ["train", "--width", "0.0625", "--image-size", "64", "--data", "synthetic", "--steps", "1", "--quiet", *argv]
-    )
+    code = main(["train", *TINY_ARGS, "--data", "synthetic", "--steps", "1", "--quiet", *argv])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_odd_world_size_is_refused_with_the_number(capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
-    code = main(["train", "--data", "synthetic", "--steps", "1", "--quiet", "--width", "0.0625", "--image-size", "64"])
+    code = main(["train", "--data", "synthetic", "--steps", "1", "--quiet", *TINY_ARGS])
     assert code == 2 and "WORLD_SIZE=3" in capsys.readouterr().err
 
 
@@ -231,7 +226,7 @@ def test_ranks_train_matches_towers_and_checkpoints_move_between_placements(tmp_
     t, r = _steps(tmp_path / "t.jsonl"), _steps(tmp_path / "r.jsonl")
     assert sorted(r) == [1, 2, 3, 4]
     for step in t:
-        assert abs(r[step] - t[step]) / abs(t[step]) < 1e-5, step
+        torch.testing.assert_close(r[step], t[step], rtol=1e-5, atol=0, msg=f"step {step}")
     final = load_checkpoint(tmp_path / "t" / "step-00000004.pt")["model"]
     _assert_weights_close(load_checkpoint(tmp_path / "r" / "step-00000004.pt")["model"], final)
     # ranks -> towers
@@ -427,4 +422,4 @@ def test_every_single_process_placement_trains_the_same_losses(tmp_path):
         losses[placement] = _steps(path)
     for placement in ("grouped", "split"):
         for step, loss in losses["towers"].items():
-            assert abs(losses[placement][step] - loss) / loss < 1e-5, (placement, step)
+            torch.testing.assert_close(losses[placement][step], loss, rtol=1e-5, atol=0, msg=f"{placement} {step}")

@@ -111,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from ..train.loop import TrainConfig
+    from ..train import TrainConfig
 
     return TrainConfig(
         model=args.model,
@@ -148,8 +148,8 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from ..parallel import TorchrunEnv
-    from ..report.training import TrainingDisplay, render_summary
-    from ..train.loop import train
+    from ..report.training import TrainingDisplay, render_run_summary
+    from ..train import train
 
     env = TorchrunEnv.from_environ()
     if env.launched:
@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
             raise
         return error.exit_code  # the same error on every rank: rank 0 alone prints it
     if env.is_rank0:
-        render_summary(result)
+        render_run_summary(result)
     return 0
 
 

@@ -1,5 +1,17 @@
-"""Writing files so that a crash or Ctrl-C never leaves a half-written one: everything that
-alexnet2gpu saves (checkpoints, reports, plots) goes through :func:`write_atomic`."""
+"""Writing files so that a crash or Ctrl-C never leaves a half-written one: the files that
+alexnet2gpu writes whole (checkpoints and their sidecars, reports, JSON, plots, the
+training curves) go through :func:`write_atomic` or :func:`write_all_atomic`.
+
+What does not, and why:
+
+* the training metrics JSONL (:mod:`alexnet2gpu.train.metrics`) is *appended* to, one
+  line per step, flushed at once: rewriting the whole file atomically after every step
+  would cost time that grows with the run, and a crash can cut at most the last line,
+  which a reader skips;
+* the CUDA memory snapshot is written by ``torch.cuda.memory._dump_snapshot``, which
+  takes a path, not a file object: :mod:`alexnet2gpu.measure.memory` gives it a temporary
+  name and renames it itself, atomic in the same way but without the fsync.
+"""
 
 from __future__ import annotations
 

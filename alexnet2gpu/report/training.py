@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import console
 
-__all__ = ["TrainingDisplay", "render_header", "render_summary", "summary_lines"]
+__all__ = ["TrainingDisplay", "render_header", "render_run_summary", "summary_lines"]
 
 
 def _num(value, fmt: str) -> str:
@@ -90,6 +90,6 @@ def summary_lines(result) -> list[str]:
     return lines
 
 
-def render_summary(result) -> None:
+def render_run_summary(result) -> None:
     for line in summary_lines(result):
         console().print(line)

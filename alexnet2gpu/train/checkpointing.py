@@ -1,5 +1,15 @@
-"""What a training checkpoint holds beyond the weights: every random stream, captured and
-restored by name so that a resumed run continues bit for bit.
+"""What a training checkpoint holds, assembled on every rank and loaded back into any
+placement, so that a resumed run continues bit for bit.
+
+    state = checkpoint_state(layout, placed, optimizer, scheduler, loader, step, config)
+    source = resume_source(config); state = load_everywhere(layout, source)
+    restore_checkpoint(state, layout, placed, optimizer, scheduler, loader)
+
+Contents: the full two-tower state dict (the same keys in every placement), the optimizer
+state keyed by parameter *name* (so a ``ranks`` checkpoint resumes under ``towers`` and the
+reverse, whose parameter order differs), the scheduler, the step, the data position, the
+RNG states and the settings a resume must share. Writing and verifying the file is
+:mod:`alexnet2gpu.io.checkpoints`' job.
 
 RNG state. :func:`capture_rng_state` returns the torch CPU generator, every CUDA
 generator (when CUDA is available), Python's ``random`` and each
@@ -14,14 +24,32 @@ from __future__ import annotations
 
 import logging
 import random
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..errors import Alexnet2gpuError, ConfigError
+from ..io.checkpoints import load_checkpoint, newest_checkpoint
 from ..models import TowerDropout
+from ..parallel import Layout, full_state_dict, load_full_state_dict
+from .config import TrainConfig
 
-__all__ = ["capture_rng_state", "restore_rng_state"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "capture_rng_state",
+    "check_resume_config",
+    "checkpoint_state",
+    "load_everywhere",
+    "load_optimizer_state_by_name",
+    "optimizer_state_by_name",
+    "restore_checkpoint",
+    "restore_rng_state",
+    "resume_source",
+]
+
+CHECKPOINT_FORMAT = 1
 
 log = logging.getLogger("alexnet2gpu")
 
@@ -98,3 +126,161 @@ def restore_rng_state(model: nn.Module, state: dict[str, Any]) -> None:
         generator = torch.Generator(device=device)
         generator.set_state(entry["state"])
         module.generator = generator
+
+
+# --------------------------------------------------------------------------- optimizer state by name
+
+
+def optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` with parameters named, not numbered, so that it loads into
+    any placement (whose parameter order differs) and merges across tower ranks."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    sd = optimizer.state_dict()
+    index_to_name: dict[int, str] = {}
+    for group, saved in zip(optimizer.param_groups, sd["param_groups"]):
+        for p, i in zip(group["params"], saved["params"]):
+            index_to_name[i] = names[id(p)]
+    return {
+        "state": {
+            index_to_name[i]: {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in s.items()}
+            for i, s in sd["state"].items()
+        },
+        "param_groups": [{**g, "params": [index_to_name[i] for i in g["params"]]} for g in sd["param_groups"]],
+    }
+
+
+def load_optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, named: dict) -> None:
+    """Loads :func:`optimizer_state_by_name` output (possibly holding more parameters, e.g.
+    both towers) into ``optimizer``: group ``i`` of the checkpoint gives its settings to
+    group ``i`` here, each parameter's state is found by its name."""
+    if len(named["param_groups"]) != len(optimizer.param_groups):
+        raise ConfigError(
+            f"the checkpoint's optimizer has {len(named['param_groups'])} parameter group(s), this run's has "
+            f"{len(optimizer.param_groups)}: it was written by another recipe"
+        )
+    names = {id(p): n for n, p in model.named_parameters()}
+    index: dict[str, int] = {}
+    groups = []
+    for group, saved in zip(optimizer.param_groups, named["param_groups"]):
+        start = len(index)
+        index.update({names[id(p)]: start + k for k, p in enumerate(group["params"])})
+        groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": list(range(start, len(index)))})
+    if named["state"]:  # empty for plain SGD; otherwise every parameter has its entry
+        missing = [n for n in index if n not in named["state"]]
+        if missing:
+            raise ConfigError(f"the checkpoint's optimizer state lacks {missing[0]}: it belongs to another model")
+    optimizer.load_state_dict(
+        {"state": {index[n]: s for n, s in named["state"].items() if n in index}, "param_groups": groups}
+    )
+
+
+# --------------------------------------------------------------------------- the checkpoint
+
+
+def checkpoint_state(
+    layout: Layout, placed: nn.Module, optimizer, scheduler, train_loader, step: int, config: TrainConfig
+) -> dict:
+    """The checkpoint (on every rank; only rank 0 writes it). Under ``ranks`` the towers'
+    weights, optimizer states and dropout generators are gathered first."""
+    model_state = full_state_dict(placed)
+    optim_state = optimizer_state_by_name(placed, optimizer)
+    rng = capture_rng_state(placed)
+    if layout.distributed:
+        import torch.distributed as dist
+
+        # Every rank's optimizer state and dropout generators; replicas hold the same
+        # optimizer state (DDP averaged the gradients), but draw different dropout masks.
+        groups = [g["params"] for g in optim_state["param_groups"]]
+        parts: list[Any] = [None] * layout.world_size
+        dist.all_gather_object(parts, (optim_state["state"], rng["dropout"], groups, layout.replica))
+        first_replica = [p for p in parts if p[3] == 0]
+        optim_state["state"] = {k: v for p in first_replica for k, v in p[0].items()}
+        order = {name: k for k, name in enumerate(model_state)}  # all names, in dual order
+        for g, group in enumerate(optim_state["param_groups"]):
+            group["params"] = sorted({n for p in first_replica for n in p[2][g]}, key=order.__getitem__)
+        replicas = [{} for _ in range(layout.dp_size)]
+        for _, dropout, _, replica in parts:
+            replicas[replica].update(dropout)
+        rng["dropout"] = replicas[0]
+        rng["replica_dropout"] = replicas
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model": model_state,
+        "optimizer": optim_state,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "step": step,
+        "epoch": train_loader.state_dict()["epoch"],
+        "data": train_loader.state_dict(),
+        "rng": rng,
+        "config": {
+            "model": config.model,
+            "width": config.width,
+            "batch_size": config.hyper.batch_size,
+            "seed": config.seed,
+            "data": config.data,
+            "recipe": config.recipe,
+            "placement": layout.placement,
+            "world_size": layout.world_size,
+        },
+    }
+
+
+def resume_source(config: TrainConfig) -> Path | None:
+    """The checkpoint to resume from: ``--resume PATH``, the newest valid one in
+    ``--checkpoint-dir`` for a bare ``--resume``, or None (a fresh start)."""
+    if config.resume is False:
+        return None
+    if config.resume is True:
+        directory = Path(config.checkpoint_dir)
+        if not directory.exists():
+            return None  # nothing written yet: a first start (e.g. torchrun's first attempt)
+        return newest_checkpoint(directory)
+    return Path(config.resume)
+
+
+def load_everywhere(layout: Layout, source: Path) -> dict:
+    """Rank 0 reads and verifies the checkpoint and sends it to every rank (other nodes
+    need not see rank 0's disk); one process just reads it."""
+    if not layout.distributed:
+        return load_checkpoint(source)
+    import torch.distributed as dist
+
+    box: list[Any] = [None]
+    if layout.is_rank0:
+        try:
+            box[0] = load_checkpoint(source)
+        except Alexnet2gpuError as error:
+            box[0] = error
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return box[0]
+
+
+def check_resume_config(state: dict, config: TrainConfig, source: Path) -> None:
+    """Refuses a checkpoint written with another model, batch, seed or data set."""
+    saved = state.get("config", {})
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{source} is not an alexnet2gpu training checkpoint (format {state.get('format')})")
+    for key in ("model", "batch_size", "seed", "data"):
+        mine = getattr(config.hyper, key) if key == "batch_size" else getattr(config, key)
+        if key in saved and saved[key] != mine:
+            raise ConfigError(
+                f"{source} was written with --{key.replace('_', '-')} {saved[key]}, this run has "
+                f"{mine}: resume with the same setting"
+            )
+
+
+def restore_checkpoint(state: dict, layout: Layout, placed: nn.Module, optimizer, scheduler, train_loader) -> int:
+    """Puts a checkpoint back into this process's share of the run; returns its step."""
+    load_full_state_dict(placed, state["model"])
+    load_optimizer_state_by_name(placed, optimizer, state["optimizer"])
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    rng = dict(state["rng"])
+    replicas = rng.pop("replica_dropout", None)
+    if replicas and layout.replica < len(replicas):
+        rng["dropout"] = replicas[layout.replica]
+    restore_rng_state(placed, rng)
+    train_loader.load_state_dict(state["data"])
+    return int(state["step"])

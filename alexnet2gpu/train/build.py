@@ -1,0 +1,133 @@
+"""What a run is built from, on each process: its :class:`~alexnet2gpu.parallel.Layout`
+(resolved once), the data for its replica, the net from the run seed, the optimizer and
+the learning-rate schedule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data import build_loaders
+from ..data.synthetic import SyntheticLoader
+from ..errors import ConfigError
+from ..models import DEFAULTS, build_model, initialise_, is_two_tower
+from ..parallel import Layout, TorchrunEnv, init_distributed, resolve_layout
+from .config import PLATEAU_PATIENCE, SYNTHETIC_EPOCH_STEPS, SYNTHETIC_EVAL_BATCHES, TrainConfig
+
+__all__ = ["RunData", "build_data", "build_net", "build_optimizer", "build_scheduler", "resolve_run_layout"]
+
+
+def _two_tower(model: str) -> bool:
+    with torch.device("meta"):
+        return is_two_tower(build_model(model, width=1 / 64))
+
+
+def resolve_run_layout(config: TrainConfig) -> Layout:
+    """Where this process runs, decided once: under ``ranks`` this joins torchrun's
+    process group (call :func:`~alexnet2gpu.parallel.close_distributed` on every exit)."""
+    env = TorchrunEnv.from_environ()
+    two_tower = _two_tower(config.model)
+    layout = resolve_layout(config.placement, config.devices, two_tower=two_tower)
+    if env.world_size > 1 and not layout.distributed:
+        if not two_tower:
+            raise ConfigError(
+                f"under torchrun each process holds one tower of the two-tower net 'dual'; '{config.model}' "
+                "is a single-stream net that trains in one process: run it without torchrun"
+            )
+        raise ConfigError(
+            f"launched by torchrun with WORLD_SIZE={env.world_size} but --placement {config.placement} "
+            "runs in one process: use --placement ranks (or auto) under torchrun, or run without torchrun"
+        )
+    if layout.distributed:
+        layout = init_distributed(config.devices, timeout_s=config.timeout)
+    return layout
+
+
+def input_shape(config: TrainConfig) -> tuple[int, int]:
+    """(in_channels, image_size): the flags', else the model's defaults."""
+    default_c, _, default_s = DEFAULTS[config.model]
+    return config.in_channels or default_c, config.image_size or default_s
+
+
+@dataclass
+class RunData:
+    train: object  # an EpochLoader or SyntheticLoader
+    test: object
+    num_classes: int
+    description: str
+    ten_crop: bool
+
+
+def build_data(config: TrainConfig, layout: Layout) -> RunData:
+    """This replica's share of the data: replica d of k reads the d-th share of each
+    global batch, both tower ranks of a replica the same share."""
+    in_channels, image_size = input_shape(config)
+    batch = config.hyper.batch_size
+    if config.data == "synthetic":
+        if config.ten_crop:
+            raise ConfigError("--ten-crop needs an image folder (--data PATH)")
+        classes = config.num_classes or DEFAULTS[config.model][1]
+        kw = dict(
+            seed=config.seed,
+            global_batch=batch,
+            in_channels=in_channels,
+            image_size=image_size,
+            num_classes=classes,
+            dp_size=layout.dp_size,
+            dp_rank=layout.replica,
+        )
+        train_loader = SyntheticLoader(**kw, batches=SYNTHETIC_EPOCH_STEPS)
+        # Held-out batches: steps numbered from -1 downwards never appear in training.
+        test_loader = SyntheticLoader(**kw, offset=-(10**9), batches=SYNTHETIC_EVAL_BATCHES)
+        words = f"synthetic N(0, 1) images, {classes} classes, seed {config.seed}"
+        return RunData(train_loader, test_loader, classes, words, False)
+    if config.data != "fashion-mnist" and not Path(config.data).exists():
+        raise ConfigError(
+            f"--data {config.data}: no such folder; use fashion-mnist, synthetic or a folder with train/ and val/"
+        )
+    loaders = build_loaders(
+        config.data,
+        image_size=image_size,
+        in_channels=in_channels,
+        global_batch=batch,
+        dp_rank=layout.replica,
+        dp_size=layout.dp_size,
+        seed=config.seed,
+        data_dir=config.data_dir,
+        train_subset=config.train_subset,
+        ten_crop=config.ten_crop,
+        num_workers=config.workers,
+        device=layout.device,
+    )
+    return RunData(loaders.train, loaders.test, loaders.num_classes, loaders.description, loaders.ten_crop)
+
+
+def build_net(config: TrainConfig, num_classes: int) -> nn.Module:
+    """The net from the run seed, initialised by the recipe (paper: [paper] 5; d2l: Xavier)."""
+    in_channels, image_size = input_shape(config)
+    torch.manual_seed(config.seed)
+    model = build_model(
+        config.model,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        image_size=image_size,
+        width=config.width,
+        dropout=config.dropout,
+    )
+    initialise_(model, config.hyper.init)
+    return model
+
+
+def build_optimizer(config: TrainConfig, placed: nn.Module) -> torch.optim.Optimizer:
+    hyper = config.hyper
+    return torch.optim.SGD(placed.parameters(), lr=hyper.lr, momentum=hyper.momentum, weight_decay=hyper.weight_decay)
+
+
+def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
+    """[paper] 5: lr /10 when the validation error stops improving; None for d2l."""
+    if not config.hyper.plateau:
+        return None
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.1, patience=PLATEAU_PATIENCE)
