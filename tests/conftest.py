@@ -1,4 +1,9 @@
-"""Shared test settings: a tiny dual net runs in milliseconds on the CPU."""
+"""Shared test settings: a tiny dual net runs in milliseconds on the CPU.
+
+Unit and integration tests are told apart by marker: a test marked ``full_size`` (a net at
+its real size) or ``distributed`` (real torchrun processes) is also marked
+``integration``; everything else is a unit test. ``pytest -m "not integration"`` runs the
+unit tests alone (about a minute here)."""
 
 import pytest
 import torch
@@ -17,3 +22,9 @@ def _deterministic():
 @pytest.fixture
 def tiny_dual():
     return build_model("dual", **TINY)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("full_size") or item.get_closest_marker("distributed"):
+            item.add_marker(pytest.mark.integration)
