@@ -1,5 +1,5 @@
 """bench: every CUDA device synchronised, warm-up excluded, median and spread, the JSON
-keys of issue 4, the harness against a plain loop, and CUDA out-of-memory as one line."""
+keys of the report, the harness against a plain loop, and CUDA out-of-memory as one line."""
 
 from __future__ import annotations
 
@@ -12,19 +12,13 @@ import torch
 from alexnet2gpu import Alexnet2gpuError, ConfigError, build_model, place
 from alexnet2gpu.cli import main
 from alexnet2gpu.measure import bench as bench_mod
-from alexnet2gpu.measure.bench import (
-    bench_placed,
-    measure_overhead,
-    parse_batch_sizes,
-    run_bench,
-    synchronize,
-    time_repeats,
-)
-from alexnet2gpu.measure.memory import estimate_memory, largest_batch_that_fits
+from alexnet2gpu.measure import timing as timing_mod
+from alexnet2gpu.measure.bench import bench_placed, measure_overhead, run_bench
+from alexnet2gpu.measure.estimate import estimate_memory, largest_batch_that_fits
+from alexnet2gpu.measure.timing import rates_summary, synchronize, time_repeats
+from alexnet2gpu.measure.workload import parse_batch_sizes
 
-from .conftest import TINY
-
-TINY_ARGS = ["--width", "0.0625", "--image-size", "64"]
+from .tiny import TINY, TINY_ARGS, tiny, tiny_args
 
 
 def test_synchronize_waits_for_every_cuda_device_once(monkeypatch):
@@ -43,7 +37,7 @@ def test_synchronize_needs_nothing_on_the_cpu(monkeypatch):
 
 def test_time_repeats_excludes_the_warmup_and_synchronises_around_each_repeat(monkeypatch):
     events = []
-    monkeypatch.setattr(bench_mod, "synchronize", lambda devices: events.append("sync"))
+    monkeypatch.setattr(timing_mod, "synchronize", lambda devices: events.append("sync"))
     calls = {"n": 0}
 
     def step():
@@ -59,7 +53,7 @@ def test_time_repeats_excludes_the_warmup_and_synchronises_around_each_repeat(mo
 
 
 def test_median_and_spread_in_images_per_second():
-    median, spread, rates = bench_mod._summarise(10, [0.5, 0.25, 1.0])
+    median, spread, rates = rates_summary(10, [0.5, 0.25, 1.0])
     assert rates == [20.0, 40.0, 10.0] and median == 20.0 and spread == 15.0
 
 
@@ -88,16 +82,12 @@ def test_bench_trains_the_weights():
     assert placed.training and all(p.grad is None for p in placed.parameters())
 
 
-def test_bench_json_has_issue_4_keys(tmp_path, capsys):
+def test_bench_json_has_the_documented_keys(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = main(
         [
             "bench",
-            "--model",
-            "simplified",
-            *TINY_ARGS[:2],
-            "--image-size",
-            "65",
+            *tiny_args("simplified"),
             "--batch-sizes",
             "2",
             "--repeats",
@@ -121,13 +111,33 @@ def test_bench_json_has_issue_4_keys(tmp_path, capsys):
     assert "throughput, measured" in capsys.readouterr().out
 
 
-def test_harness_overhead_is_measured_against_a_plain_loop():
-    result = measure_overhead("simplified", batch_size=2, warmup=1, repeats=2, width=1 / 16, image_size=65)
-    assert result.harness_images_per_s > 0 and result.plain_images_per_s > 0
-    assert result.overhead == pytest.approx(result.plain_images_per_s / result.harness_images_per_s - 1)
-    assert result.overhead_best == pytest.approx(result.plain_best_images_per_s / result.harness_best_images_per_s - 1)
-    assert result.harness_best_images_per_s >= result.harness_images_per_s
-    assert result.overhead_cpu == pytest.approx(result.harness_cpu_s_per_step / result.plain_cpu_s_per_step - 1)
+def test_harness_overhead_alternates_with_the_plain_loop_and_sees_a_slower_harness(monkeypatch):
+    """A harness made 50 ms slower per step by a sleep: the wall-clock overhead shows it
+    (both from the medians and from the fastest repeats), the CPU-time overhead does not
+    (sleeping costs no CPU), and the two loops were timed alternately."""
+    real, order, delay = bench_mod.train_step, [], 0.05
+
+    def slow_harness(*args):
+        order.append("harness")
+        time.sleep(delay)
+        real(*args)
+
+    monkeypatch.setattr(bench_mod, "train_step", slow_harness)
+    monkeypatch.setattr(bench_mod.F, "cross_entropy", _recording(bench_mod.F.cross_entropy, order, "plain"))
+    result = measure_overhead("simplified", batch_size=2, warmup=1, repeats=3, **tiny("simplified"))
+    assert order == ["harness", "plain"] * 4  # one warm-up pair, then 3 alternating repeats
+    harness_s, plain_s = 2 / result.harness_images_per_s, 2 / result.plain_images_per_s
+    assert harness_s - plain_s == pytest.approx(delay, rel=0.5)
+    assert result.overhead > 1.0 and result.overhead_best > 1.0  # plain is more than twice as fast
+    assert abs(result.overhead_cpu) < 0.5
+
+
+def _recording(fn, order: list, label: str):
+    def wrapper(*args, **kwargs):
+        order.append(label)
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 OOM_TEXT = (
@@ -145,7 +155,7 @@ def test_out_of_memory_names_device_batch_and_the_largest_batch_that_fits(monkey
     with pytest.raises(Alexnet2gpuError) as caught:
         bench_placed(placed, "dual", [64], ["train"], model_kwargs=dict(TINY))
     message = str(caught.value)
-    fits, _fixed, _per_image = largest_batch_that_fits("dual", "towers", 6 * 2**20, **TINY)
+    fits, _fixed, _per_image = largest_batch_that_fits("dual", placed.layout, 6 * 2**20, **TINY)
     assert "cuda:0" in message and "batch size 64" in message and f"batch {fits} is the largest" in message
     assert fits >= 1
 
@@ -167,15 +177,49 @@ def test_out_of_memory_on_the_command_line_is_one_line(monkeypatch, capsys):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_bench_on_cuda():
-    results = run_bench("dual", "grouped", "cuda:0", batch_sizes=[4], warmup=1, repeats=2, **TINY)
-    assert all(r.images_per_s > 0 and r.device == "cuda:0" for r in results)
+def test_a_timing_covers_cuda_work_still_queued_on_the_device():
+    """A kernel that keeps the GPU busy returns at once to Python; the time must cover it."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(50_000_000)
+    end.record()
+    torch.cuda.synchronize()
+    busy_s = start.elapsed_time(end) / 1000
+    seconds = time_repeats(lambda: torch.cuda._sleep(50_000_000), ["cuda:0"], warmup=0, repeats=2, steps=1)
+    assert min(seconds) >= 0.8 * busy_s
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-def test_bench_split_on_two_cuda_devices():
-    results = run_bench("dual", "split", "cuda:0,cuda:1", batch_sizes=[4], warmup=1, repeats=2, **TINY)
-    assert all(r.images_per_s > 0 and r.device == "cuda:0,cuda:1" for r in results)
+def test_a_timing_waits_for_the_second_device_too():
+    """Work queued on cuda:1 while cuda:0 is current: synchronising only the current device
+    would stop the clock early."""
+    torch.cuda.set_device(0)
+
+    def step():
+        with torch.cuda.device(1):
+            torch.cuda._sleep(50_000_000)
+
+    start = time.perf_counter()
+    step()
+    torch.cuda.synchronize(1)
+    busy_s = time.perf_counter() - start
+    seconds = time_repeats(step, ["cuda:0", "cuda:1"], warmup=0, repeats=2, steps=1)
+    assert min(seconds) >= 0.8 * busy_s
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bench_on_cuda_takes_the_same_training_step_as_on_the_cpu():
+    """One timed training step on cuda:0 moves the weights as the same step on the CPU does."""
+    kwargs = {**TINY, "dropout": 0.0}
+    moved = {}
+    for device in ("cpu", "cuda:0"):
+        placed = place(build_model("dual", **kwargs), "grouped", device)
+        before = placed.fc8.weight.detach().cpu().clone()
+        (result,) = bench_placed(placed, "dual", [4], ["train"], warmup=0, repeats=1)
+        assert result.device == device
+        moved[device] = placed.fc8.weight.detach().cpu() - before
+    assert moved["cpu"].abs().max() > 0
+    torch.testing.assert_close(moved["cuda:0"], moved["cpu"], rtol=1e-2, atol=1e-7)
 
 
 def test_an_unwritable_json_path_is_one_line(tmp_path, capsys):

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from alexnet2gpu import Alexnet2gpuError
 from alexnet2gpu.cli import main
 from alexnet2gpu.measure import bench as bench_mod
 from alexnet2gpu.measure import compare as compare_mod
@@ -16,12 +17,15 @@ from alexnet2gpu.measure.compare import CompareConfig, run_compare, speedups
 from alexnet2gpu.report import compare as report_compare
 from alexnet2gpu.report import plots
 
-TINY = dict(width=1 / 16, image_size=67, batch_sizes=[2, 4], memory_batch_size=4, repeats=1, warmup=0)
+from .tiny import TINY_SIZE, TINY_WIDTH
+
+SIZE = max(TINY_SIZE.values())  # one input side that every tiny net takes
+TINY = dict(width=TINY_WIDTH, image_size=SIZE, batch_sizes=[2, 4], memory_batch_size=4, repeats=1, warmup=0)
 TINY_ARGS = [
     "--width",
-    "0.0625",
+    str(TINY_WIDTH),
     "--image-size",
-    "67",
+    str(SIZE),
     "--batch-sizes",
     "2,4",
     "--memory-batch-size",
@@ -155,7 +159,7 @@ def test_compare_launches_ranks_itself_and_counts_the_same_bytes_as_split(tmp_pa
 def test_ranks_job_failure_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(compare_mod, "_size_flags", lambda config: ["--width", "0.0625", "--image-size", "3"])
     with pytest.raises(
-        compare_mod.Alexnet2gpuError,
+        Alexnet2gpuError,
         match="dual/ranks torchrun job failed: exit 1: alexnet2gpu bench: error: image size 3 is too small",
     ):
         compare_mod._run_ranks(CompareConfig(variants=["dual/ranks"], overhead=False, **TINY))

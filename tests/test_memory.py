@@ -1,6 +1,6 @@
 """memory: parameters, gradients and momentum by owning device, activations through
 saved-tensor hooks, the bytes exchanged per step (468,992 per image for the real split
-and ranks nets), the JSON keys of issue 4, CUDA-only paths skipped without CUDA."""
+and ranks nets), the JSON keys of the report, CUDA-only paths skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import torch
 from alexnet2gpu import ConfigError, build_model, place
 from alexnet2gpu.cli import main
 from alexnet2gpu.measure import memory as memory_mod
-from alexnet2gpu.measure.memory import estimate_memory, run_memory
+from alexnet2gpu.measure.estimate import estimate_memory
+from alexnet2gpu.measure.memory import run_memory
 
-from .conftest import TINY
 from .dist_launch import run_torchrun
+from .tiny import TINY, TINY_ARGS, tiny
 
 BYTES_PER_IMAGE = 468_992  # DESIGN.md section 3: (113,152 each way + 8,192) forward, the same backward
 DEVICE0, DEVICE1 = 32_531_112, 28_434_112  # DESIGN.md section 2: parameters on each device
@@ -76,12 +77,12 @@ def test_activations_are_charged_to_the_tower_that_saved_them():
 
 
 def test_parameters_are_not_counted_as_activations():
-    report = run_memory("simplified", "single", "cpu", batch_size=1, width=1 / 16, image_size=65)
+    report = run_memory("simplified", "single", "cpu", batch_size=1, **tiny("simplified"))
     d = report.devices[0]
     assert d.activations_bytes < d.params_bytes  # the fc weights alone are larger
 
 
-def test_memory_json_has_issue_4_keys(tmp_path):
+def test_memory_json_has_the_documented_keys(tmp_path):
     out = tmp_path / "memory.json"
     assert (
         main(
@@ -91,10 +92,7 @@ def test_memory_json_has_issue_4_keys(tmp_path):
                 "split",
                 "--devices",
                 "cpu,cpu",
-                "--width",
-                "0.0625",
-                "--image-size",
-                "64",
+                *TINY_ARGS,
                 "--batch-size",
                 "2",
                 "--json",
@@ -110,16 +108,12 @@ def test_memory_json_has_issue_4_keys(tmp_path):
     assert data["comm_bytes_per_step"] > 0
 
 
-def test_measured_memory_needs_cuda():
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+def test_measured_memory_needs_cuda_devices():
     with pytest.raises(ConfigError, match="CUDA"):
         run_memory("dual", "towers", "cpu", batch_size=2, source="measured", **TINY)
 
 
-def test_snapshot_without_cuda_is_a_usage_error(tmp_path, capsys):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+def test_snapshot_of_a_cpu_step_is_a_usage_error(tmp_path, capsys):
     code = main(
         [
             "memory",
@@ -127,10 +121,7 @@ def test_snapshot_without_cuda_is_a_usage_error(tmp_path, capsys):
             "towers",
             "--devices",
             "cpu",
-            "--width",
-            "0.0625",
-            "--image-size",
-            "64",
+            *TINY_ARGS,
             "--snapshot",
             str(tmp_path / "s.pickle"),
         ]
@@ -157,10 +148,7 @@ def test_out_of_memory_in_memory_command(monkeypatch, capsys):
             "towers",
             "--devices",
             "cpu",
-            "--width",
-            "0.0625",
-            "--image-size",
-            "64",
+            *TINY_ARGS,
             "--batch-size",
             "512",
         ]
@@ -201,24 +189,36 @@ def test_ranks_exchanges_468992_bytes_per_image(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_measured_memory_on_cuda_and_the_estimate_beside_it():
-    measured = run_memory("dual", "towers", "cuda:0", batch_size=8, **TINY)
-    d = measured.devices[0]
-    assert d.source == "measured" and d.activations_bytes > 0
-    assert d.peak_bytes >= d.params_bytes + d.optimizer_bytes
+def test_measured_memory_on_cuda_agrees_with_the_estimate():
+    """The allocator's figures for one step beside the CPU estimate of the same step: the
+    same parameters and momentum, activations within a factor of two, and a peak that
+    holds at least parameters, gradients and momentum at once."""
+    d = run_memory("dual", "towers", "cuda:0", batch_size=8, **TINY).devices[0]
     estimated = run_memory("dual", "towers", "cpu", batch_size=8, **TINY).devices[0]
+    assert d.source == "measured" and d.device == "cuda:0"
     assert (estimated.params_bytes, estimated.optimizer_bytes) == (d.params_bytes, d.optimizer_bytes)
+    assert d.peak_bytes >= d.params_bytes + d.grads_bytes + d.optimizer_bytes
+    assert 0.5 <= d.activations_bytes / estimated.activations_bytes <= 2.0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_snapshot_is_written(tmp_path):
+def test_cuda_snapshot_is_a_memory_history_pickle(tmp_path):
+    import pickle
+
     path = tmp_path / "step.pickle"
     run_memory("dual", "towers", "cuda:0", batch_size=2, snapshot=str(path), **TINY)
-    assert path.stat().st_size > 0
+    with open(path, "rb") as f:
+        snapshot = pickle.load(f)
+    assert snapshot["device_traces"] and snapshot["segments"]  # what pytorch.org/memory_viz reads
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-def test_split_measured_on_two_cuda_devices():
-    report = run_memory("dual", "split", "cuda:0,cuda:1", batch_size=4, **TINY)
-    assert [d.device for d in report.devices] == ["cuda:0", "cuda:1"]
-    assert all(d.source == "measured" and d.peak_bytes > 0 for d in report.devices)
+def test_split_measured_on_two_cuda_devices_owns_and_exchanges_what_the_estimate_says():
+    measured = run_memory("dual", "split", "cuda:0,cuda:1", batch_size=4, **TINY)
+    estimated = run_memory("dual", "split", "cpu,cpu", batch_size=4, **TINY)
+    assert [d.device for d in measured.devices] == ["cuda:0", "cuda:1"]
+    assert all(d.source == "measured" for d in measured.devices)
+    assert [d.params for d in measured.devices] == [d.params for d in estimated.devices]
+    assert measured.comm_bytes_per_step == estimated.comm_bytes_per_step > 0
+    d0, d1 = measured.devices
+    assert d1.activations_bytes > 0 and d0.input_bytes > 0 == d1.input_bytes

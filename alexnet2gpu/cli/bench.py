@@ -48,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..errors import ConfigError
-    from ..measure.bench import MODES, bench_placed, machine_info, measure_overhead, parse_batch_sizes
+    from ..measure.bench import MODES, bench_placed, measure_overhead
+    from ..measure.timing import machine_info
+    from ..measure.workload import parse_batch_sizes
     from ..models import build_model
     from ..parallel import TorchrunEnv, place
 
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
             )
         overhead = None
         if args.against_plain_loop:
-            if placed.layout.placement in ("split", "ranks"):
+            if placed.layout.towers_apart:
                 raise ConfigError("--against-plain-loop compares one device: use --placement towers, grouped or auto")
             with progress_bar(args.repeats, "harness against a plain loop", enabled=show) as bar:
                 overhead = measure_overhead(

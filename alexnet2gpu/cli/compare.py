@@ -62,8 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from ..measure.bench import parse_batch_sizes
     from ..measure.compare import CompareConfig
+    from ..measure.workload import parse_batch_sizes
 
     overrides = {}
     if args.variants:

@@ -1,16 +1,10 @@
 """Throughput of a placed net in images/s, for a training step and for inference, over a
 sweep of batch sizes. Returns plain records; :mod:`alexnet2gpu.report.bench` renders them.
 
-How it measures (DESIGN.md section 4):
-
-* synthetic batches are made once, on the device that takes the input: no loader, no
-  host-to-device copy in the timed loop;
-* ``warmup`` steps run first and are not timed (allocator, cuDNN algorithm choice);
-* before the clock is read, *every* CUDA device in use is synchronised
-  (``torch.cuda.synchronize()`` alone waits only for the current one), and under
-  ``ranks`` all processes meet at a barrier, so the time covers the slowest tower;
-* each of ``repeats`` timings covers ``steps`` steps; the figure is the median of the
-  repeats and the spread is half their range (max - min) / 2, both in images/s.
+How it measures (DESIGN.md section 4; the clock is :mod:`.timing`, the step
+:mod:`.workload`): synthetic batches made once on the device that takes the input, warm-up
+steps first and untimed, every device synchronised before the clock is read, the median and
+half the range of the repeats.
 
 A training step is ``forward_loss(placed, x, y).backward()`` and an SGD step (momentum
 0.9) for every placement, with ``zero_grad(set_to_none=True)`` first; inference is
@@ -19,11 +13,7 @@ A training step is ``forward_loss(placed, x, y).backward()`` and an SGD step (mo
 
 from __future__ import annotations
 
-import os
-import platform
-import re
 import statistics
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
@@ -33,28 +23,23 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models import build_model, is_two_tower
-from ..parallel import devices_of, forward_loss, own_forward_placement, place
+from ..parallel import devices_of, own_forward_placement, place
+from .oom import out_of_memory_error
+from .timing import busiest_cpu_seconds, rates_summary, time_once, time_repeats
+from .workload import (
+    LR,
+    MOMENTUM,
+    check_batch_sizes,
+    compile_placed,
+    device_label,
+    make_batch,
+    make_optimizer,
+    train_step,
+)
 
-__all__ = [
-    "MODES",
-    "BenchResult",
-    "OverheadResult",
-    "bench_placed",
-    "check_batch_sizes",
-    "device_label",
-    "machine_info",
-    "make_batch",
-    "make_optimizer",
-    "measure_overhead",
-    "parse_batch_sizes",
-    "run_bench",
-    "synchronize",
-    "time_repeats",
-    "train_step",
-]
+__all__ = ["MODES", "BenchResult", "OverheadResult", "bench_placed", "measure_overhead", "run_bench"]
 
 MODES = ("train", "infer")
-LR, MOMENTUM = 0.01, 0.9  # [paper] section 5: SGD, momentum 0.9 (lr does not change the timing)
 
 
 @dataclass
@@ -80,6 +65,10 @@ class BenchResult:
     # shared with other jobs it stays put while the wall-clock figures drop
     cpu_s_per_step: float = 0.0
     source: str = "measured"
+    compiled: bool = False  # the net ran under torch.compile
+    # seconds of the first, compiling call (compilation plus one step) for this mode and
+    # batch; never inside images/s, which the timed repeats after the warm-up give
+    compile_s: float | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -118,159 +107,42 @@ class OverheadResult:
         return asdict(self)
 
 
-def machine_info() -> dict:
-    """What the figures were measured on: CPU model and cores, GPUs, load, torch."""
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            match = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.MULTILINE)
-        if match:
-            cpu = match.group(1).strip()
-    except OSError:
-        pass
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    try:
-        load = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        load = []
-    return {
-        "cpu": cpu,
-        "cpu_cores": os.cpu_count(),
-        "gpus": gpus,
-        "load_average": load,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-
-
-def parse_batch_sizes(spec: str | Iterable[int]) -> list[int]:
-    """``"32,64,128"`` (or a list) to ``[32, 64, 128]``; refuses anything below 1."""
-    if isinstance(spec, str):
-        try:
-            sizes = [int(s) for s in spec.split(",") if s.strip()]
-        except ValueError:
-            raise ConfigError(f"batch sizes '{spec}' are not whole numbers: use e.g. 32,64,128") from None
-    else:
-        sizes = [int(s) for s in spec]
-    if not sizes or min(sizes) < 1:
-        raise ConfigError(f"batch sizes must be whole numbers >= 1, e.g. 32,64,128; got '{spec}'")
-    return sizes
-
-
-def check_batch_sizes(placed: nn.Module, sizes: list[int]) -> None:
-    """Under ``ranks`` with k data-parallel replicas the batch is global: k must divide it."""
-    dp = placed.layout.dp_size if hasattr(placed, "layout") else 1
-    bad = [b for b in sizes if b % dp]
-    if bad:
-        raise ConfigError(
-            f"batch size {bad[0]} does not divide among {dp} data-parallel replicas: use a multiple of {dp}"
-        )
-
-
-def device_label(placed: nn.Module) -> str:
-    """Where a placed net runs, in words: ``cpu``, ``cuda:0,cuda:1``, ``cpu x2 processes``."""
-    layout = getattr(placed, "layout", None)
-    devices = devices_of(placed)
-    if layout is not None and layout.placement == "ranks":
-        return f"{devices[0].type} x{layout.world_size} processes"
-    return ",".join(str(d) for d in devices)
-
-
-def _input_device(placed: nn.Module) -> torch.device:
-    return devices_of(placed)[0]
-
-
-def _local_batch(placed: nn.Module, batch_size: int) -> int:
-    layout = getattr(placed, "layout", None)
-    if layout is not None and layout.placement == "ranks":
-        return batch_size // layout.dp_size
-    return batch_size
-
-
-def make_batch(placed: nn.Module, batch_size: int, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A synthetic batch (this process's share of it under ``ranks``) made on the device
-    that takes the input, from a seeded generator so every process draws the same images."""
-    device = _input_device(placed)
-    n = _local_batch(placed, batch_size)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    x = torch.randn(n, placed.in_channels, placed.image_size, placed.image_size, device=device, generator=generator)
-    y = torch.randint(0, placed.num_classes, (n,), device=device, generator=generator)
-    return x, y
-
-
-def make_optimizer(placed: nn.Module) -> torch.optim.Optimizer:
-    """SGD with momentum 0.9 over this process's parameters ([paper] section 5)."""
-    return torch.optim.SGD(placed.parameters(), lr=LR, momentum=MOMENTUM)
-
-
-def train_step(placed: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
-    """One training step, the same call for every placement."""
-    optimizer.zero_grad(set_to_none=True)
-    forward_loss(placed, x, y).backward()
-    optimizer.step()
-
-
-def synchronize(devices: Iterable[torch.device]) -> None:
-    """Waits for every CUDA device in ``devices`` (each one: ``torch.cuda.synchronize()``
-    alone waits only for the current device); the CPU needs nothing. Under torch.distributed
-    all processes then meet at a barrier."""
-    for device in dict.fromkeys(torch.device(d) for d in devices):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def time_repeats(
-    step: Callable[[], None],
-    devices,
-    *,
-    warmup: int,
-    repeats: int,
-    steps: int,
-    on_repeat: Callable[[], None] | None = None,
-    cpu_seconds: list[float] | None = None,
-) -> list[float]:
-    """Seconds per step for each of ``repeats`` timings of ``steps`` calls of ``step``,
-    after ``warmup`` untimed calls, with every device synchronised around each timing.
-    ``cpu_seconds``, if given, receives this process's CPU time per step for each repeat."""
-    if repeats < 1 or steps < 1 or warmup < 0:
-        raise ConfigError(f"need repeats >= 1, steps >= 1, warmup >= 0; got {repeats}, {steps}, {warmup}")
-    devices = list(devices)
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        synchronize(devices)
-        start, cpu_start = time.perf_counter(), time.process_time()
-        for _ in range(steps):
-            step()
-        synchronize(devices)
-        times.append((time.perf_counter() - start) / steps)
-        if cpu_seconds is not None:
-            cpu_seconds.append((time.process_time() - cpu_start) / steps)
-        if on_repeat is not None:
-            on_repeat()
-    return times
-
-
-def _summarise(batch_size: int, seconds: list[float]) -> tuple[float, float, list[float]]:
-    rates = [batch_size / s for s in seconds]
-    return statistics.median(rates), (max(rates) - min(rates)) / 2, rates
-
-
-def _busiest(cpu_seconds: list[float]) -> list[float]:
-    """Per repeat, the largest CPU time of any process of a torch.distributed job."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return cpu_seconds
-    every: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(every, cpu_seconds)
-    return [max(values) for values in zip(*every)]
-
-
 def _threads() -> int:
     return torch.get_num_threads()
+
+
+def _mode_step(placed: nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """The call that ``mode`` times: a training step (the net in train mode, a fresh SGD
+    optimizer) or inference (eval mode, ``torch.inference_mode``)."""
+    if mode == "train":
+        placed.train()
+        optimizer = make_optimizer(placed)
+        return lambda: train_step(placed, optimizer, x, y)
+    placed.eval()
+
+    def infer() -> None:
+        with torch.inference_mode():
+            placed(x)
+
+    return infer
+
+
+def _measure(
+    placed: nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor, compiled: bool, timing: dict
+) -> tuple[list[float], list[float], float | None]:
+    """(seconds per step, CPU seconds per step, compile seconds or None) for one mode and
+    batch. A compiled step is compiled afresh by its first call, timed on its own and kept
+    out of the repeats; the ``warmup`` calls follow it."""
+    step = _mode_step(placed, mode, x, y)
+    devices = devices_of(placed)
+    compile_s = None
+    if compiled:
+        torch._dynamo.reset()  # each (mode, batch) pays its own compilation, reported as such
+        compile_s = time_once(step, devices)
+    cpu: list[float] = []
+    seconds = time_repeats(step, devices, cpu_seconds=cpu, **timing)
+    placed.zero_grad(set_to_none=True)
+    return seconds, cpu, compile_s
 
 
 def bench_placed(
@@ -286,63 +158,31 @@ def bench_placed(
     width: float = 1.0,
     model_kwargs: dict | None = None,
     on_repeat: Callable[[], None] | None = None,
+    compiled: bool = False,
 ) -> list[BenchResult]:
-    """Measures ``placed`` for every (mode, batch size); one record each. A CUDA
-    out-of-memory error becomes an :class:`Alexnet2gpuError` that names the device, the
-    batch and the largest batch the memory estimate says would fit."""
+    """Measures ``placed`` for every (mode, batch size); one record each. ``compiled``:
+    ``placed`` was prepared by :func:`~.workload.compile_placed`; its compile time is
+    measured apart. A CUDA out-of-memory error becomes an :class:`Alexnet2gpuError` that
+    names the device, the batch and the largest batch the memory estimate says would fit."""
     modes = list(modes)
     for mode in modes:
         if mode not in MODES:
             raise ConfigError(f"unknown mode '{mode}': choose train, infer or both")
     check_batch_sizes(placed, batch_sizes)
-    devices = devices_of(placed)
     layout = placed.layout
-    label = device_label(placed)
+    timing = {"warmup": warmup, "repeats": repeats, "steps": steps, "on_repeat": on_repeat}
     results = []
     for batch_size in batch_sizes:
         x, y = make_batch(placed, batch_size, seed=seed)
         for mode in modes:
-            cpu: list[float] = []
             try:
-                if mode == "train":
-                    placed.train()
-                    optimizer = make_optimizer(placed)
-                    seconds = time_repeats(
-                        lambda: train_step(placed, optimizer, x, y),  # noqa: B023 (called before the loop moves on)
-                        devices,
-                        warmup=warmup,
-                        repeats=repeats,
-                        steps=steps,
-                        on_repeat=on_repeat,
-                        cpu_seconds=cpu,
-                    )
-                    del optimizer
-                    placed.zero_grad(set_to_none=True)
-                else:
-                    placed.eval()
-
-                    def infer() -> None:
-                        with torch.inference_mode():
-                            placed(x)  # noqa: B023 (called before the loop moves on)
-
-                    seconds = time_repeats(
-                        infer,
-                        devices,
-                        warmup=warmup,
-                        repeats=repeats,
-                        steps=steps,
-                        on_repeat=on_repeat,
-                        cpu_seconds=cpu,
-                    )
+                seconds, cpu, compile_s = _measure(placed, mode, x, y, compiled, timing)
             except torch.OutOfMemoryError as error:
                 placed.zero_grad(set_to_none=True)
-                from .memory import out_of_memory_error
-
                 raise out_of_memory_error(
                     error, model_name, placed, batch_size, mode, model_kwargs=model_kwargs
                 ) from None
-            median, spread, rates = _summarise(batch_size, seconds)
-            cpu = _busiest(cpu)
+            median, spread, rates = rates_summary(batch_size, seconds)
             results.append(
                 BenchResult(
                     model=model_name,
@@ -351,14 +191,16 @@ def bench_placed(
                     batch_size=batch_size,
                     images_per_s=median,
                     spread=spread,
-                    device=label,
+                    device=device_label(placed),
                     repeats_images_per_s=rates,
                     steps_per_repeat=steps,
                     image_size=placed.image_size,
                     width=width,
                     threads=_threads(),
                     processes=layout.world_size,
-                    cpu_s_per_step=statistics.median(cpu),
+                    cpu_s_per_step=statistics.median(busiest_cpu_seconds(cpu)),
+                    compiled=compiled,
+                    compile_s=compile_s,
                 )
             )
     placed.train()
@@ -377,12 +219,16 @@ def run_bench(
     steps: int = 1,
     seed: int = 0,
     on_repeat: Callable[[], None] | None = None,
+    compiled: bool = False,
     **model_kwargs,
 ) -> list[BenchResult]:
-    """Builds and places ``model_name`` and measures it (see :func:`bench_placed`)."""
+    """Builds and places ``model_name`` (``compiled``: then compiles it with
+    :func:`~.workload.compile_placed`) and measures it (see :func:`bench_placed`)."""
     torch.manual_seed(seed)
     model = build_model(model_name, **model_kwargs)
     placed = place(model, placement, devices)
+    if compiled:
+        compile_placed(placed)
     return bench_placed(
         placed,
         model_name,
@@ -395,6 +241,7 @@ def run_bench(
         width=model_kwargs.get("width", 1.0),
         model_kwargs=model_kwargs,
         on_repeat=on_repeat,
+        compiled=compiled,
     )
 
 

@@ -2,7 +2,7 @@
 parameters, memory per device, throughput over batch sizes and bytes exchanged.
 Returns one plain :class:`CompareReport`; :mod:`alexnet2gpu.report.compare` renders it.
 
-The matrix (issue 4): ``simplified``, ``dual/towers``, ``dual/grouped``, ``dual/split``
+The matrix: ``simplified``, ``dual/towers``, ``dual/grouped``, ``dual/split``
 (two GPUs; without them only its memory, estimated on ``cpu,cpu``), ``dual/ranks`` (a
 2-process torchrun job, launched here when this process is not one, with its JSON read
 back), and the peers ``half`` and ``torchvision``. Every figure carries its source
@@ -11,35 +11,55 @@ back), and the peers ``half`` and ``torchvision``. Every figure carries its sour
 
 from __future__ import annotations
 
-import json
 import os
-import shlex
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 
-from ..errors import Alexnet2gpuError, ConfigError
-from ..parallel import TorchrunEnv
-from .bench import BenchResult, OverheadResult, machine_info, measure_overhead, run_bench
-from .memory import DeviceMemory, MemoryReport, run_memory
+from ..errors import ConfigError
+from ..parallel import TorchrunEnv, close_distributed
+from .accounting import MemoryReport
+from .bench import BenchResult, OverheadResult, measure_overhead, run_bench
+from .launch import run_torchrun_job
+from .memory import run_memory
+from .timing import machine_info
 
-__all__ = ["CompareConfig", "CompareReport", "Variant", "VARIANTS", "plan_variants", "run_compare", "speedups"]
+__all__ = [
+    "BASELINES",
+    "VARIANTS",
+    "CompareConfig",
+    "CompareReport",
+    "Variant",
+    "VariantSpec",
+    "plan_variants",
+    "run_compare",
+    "speedups",
+    "units_of_work",
+]
 
-# name -> (model, placement); the order of the tables
+
+class VariantSpec(NamedTuple):
+    """A row of the matrix: the net, its placement, and what it needs to be measured."""
+
+    model: str
+    placement: str
+    devices: int = 1  # devices of one process (split: 2 GPUs)
+    processes: int = 1  # a torchrun job of this many processes (ranks: 2)
+
+
+# name -> what it runs; the order of the tables
 VARIANTS = {
-    "simplified": ("simplified", "single"),
-    "dual/towers": ("dual", "towers"),
-    "dual/grouped": ("dual", "grouped"),
-    "dual/split": ("dual", "split"),
-    "dual/ranks": ("dual", "ranks"),
-    "half": ("half", "single"),
-    "torchvision": ("torchvision", "single"),
+    "simplified": VariantSpec("simplified", "single"),
+    "dual/towers": VariantSpec("dual", "towers"),
+    "dual/grouped": VariantSpec("dual", "grouped"),
+    "dual/split": VariantSpec("dual", "split", devices=2),
+    "dual/ranks": VariantSpec("dual", "ranks", processes=2),
+    "half": VariantSpec("half", "single"),
+    "torchvision": VariantSpec("torchvision", "single"),
 }
 BASELINES = ("simplified", "dual/towers")  # speed-ups are given against these
 
@@ -138,9 +158,6 @@ class CompareReport:
             "command": self.command,
         }
 
-    def variant(self, name: str) -> Variant | None:
-        return next((v for v in self.variants if v.name == name), None)
-
 
 def speedups(variants: list[Variant]) -> list[dict]:
     """images/s of each variant over each baseline's, per mode and batch size (same
@@ -160,123 +177,35 @@ def plan_variants(config: CompareConfig) -> tuple[list[str], dict[str, str]]:
     gpus = torch.cuda.device_count()
     run, notes = [], {}
     for name in config.variants:
-        if name == "dual/ranks":
-            if gpus == 1:
-                notes[name] = "skipped: ranks puts one tower per GPU and this machine has 1 GPU"
-                continue
-        if name == "dual/split" and gpus < 2:
+        spec = VARIANTS[name]
+        if spec.processes > 1 and gpus == 1:
+            notes[name] = f"skipped: {spec.placement} puts one tower per GPU and this machine has 1 GPU"
+            continue
+        if spec.devices > 1 and gpus < spec.devices:
             notes[name] = (
-                f"throughput not measured: split needs two GPUs and this machine has {gpus}; "
+                f"throughput not measured: {spec.placement} needs two GPUs and this machine has {gpus}; "
                 "memory estimated for two devices (run on cpu,cpu)"
             )
         run.append(name)
     return run, notes
 
 
-def _devices_for(name: str) -> list[str] | None:
-    gpus = torch.cuda.device_count()
-    if name == "dual/split":
-        return ["cuda:0", "cuda:1"] if gpus >= 2 else ["cpu", "cpu"]
-    if name == "dual/ranks":
-        return None  # cuda:LOCAL_RANK, else the CPU
-    return ["cuda:0"] if gpus else ["cpu"]
+def _measurable(spec: VariantSpec) -> bool:
+    """Its throughput can be measured here: the devices it needs exist."""
+    return spec.devices == 1 or torch.cuda.device_count() >= spec.devices
+
+
+def _devices_for(spec: VariantSpec) -> list[str] | None:
+    """The devices of one process; None under torchrun (cuda:LOCAL_RANK, else the CPU)."""
+    if spec.processes > 1:
+        return None
+    if torch.cuda.device_count() >= spec.devices:
+        return [f"cuda:{i}" for i in range(spec.devices)]
+    return ["cpu"] * spec.devices
 
 
 def _param_count(report: MemoryReport | None) -> int:
     return sum(d.params for d in report.devices) if report else 0
-
-
-def _ranks_job(config: CompareConfig, command: list[str], out: str, notes: list[str]) -> dict:
-    """Runs ``alexnet2gpu COMMAND ...`` as a 2-process torchrun job and returns its JSON.
-
-    Rank 0 writes the JSON atomically once its measurement is complete, so a JSON that
-    exists is whole even if a worker then fails on its way out (as gloo's threads once made
-    it do at interpreter exit: "terminate called without an active exception"); that is
-    said in ``notes``. A job that wrote nothing is tried once more, then reported as one
-    error."""
-    argv = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "alexnet2gpu",
-        *command,
-        "--json",
-        out,
-    ]
-    env = dict(os.environ)
-    if config.threads is not None:
-        env["OMP_NUM_THREADS"] = str(config.threads)
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    failures = []
-    for _attempt in range(2):
-        returncode, stderr = _launch(argv, env, config.ranks_timeout_s)
-        if os.path.exists(out):
-            if returncode != 0:
-                notes.append(
-                    f"`{command[0]}`: a worker exited abnormally ({_why(returncode, stderr)}) after "
-                    "rank 0 had written its complete results"
-                )
-            with open(out) as f:
-                return json.load(f)
-        failures.append(_why(returncode, stderr))
-        if returncode == 0 or "error:" in stderr and "alexnet2gpu" in stderr:
-            break  # a usage error or a clean exit without results: trying again cannot help
-    raise Alexnet2gpuError(
-        f"the dual/ranks torchrun job failed: {'; then: '.join(failures)}; command: {shlex.join(argv)}"
-    )
-
-
-def _launch(argv: list[str], env: dict, timeout_s: float) -> tuple[int | None, str]:
-    """(exit code or None on timeout, stderr). A session of its own, so that a timeout or
-    Ctrl-C ends torchrun *and* its workers."""
-    proc = subprocess.Popen(
-        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        _stdout, stderr = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        return None, f"did not finish in {timeout_s:.0f} s"
-    except BaseException:
-        _kill_group(proc)
-        raise
-    return proc.returncode, stderr or ""
-
-
-def _why(returncode: int | None, stderr: str) -> str:
-    """The most telling line of a failed torchrun job: our own error line, else an
-    exception, else the signal that ended a worker."""
-    if returncode is None:
-        return stderr
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    for pick in (
-        lambda s: s.startswith("alexnet2gpu ") and ": error:" in s,
-        lambda s: "Error:" in s and "ChildFailedError" not in s,
-        lambda s: s.startswith("traceback : Signal") or s.startswith("terminate called"),
-    ):
-        found = [line for line in lines if pick(line)]
-        if found:
-            return f"exit {returncode}: {found[-1]}"
-    return f"exit {returncode}: {lines[-1] if lines else 'no output'}"
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.communicate()
-
-
-def _memory_from_json(data: dict) -> MemoryReport:
-    devices = [DeviceMemory(**d) for d in data["devices"]]
-    keys = ("model", "placement", "batch_size", "comm_bytes_per_step", "image_size", "width", "torch", "note")
-    return MemoryReport(devices=devices, **{k: data[k] for k in keys if k in data})
 
 
 def _size_flags(config: CompareConfig) -> list[str]:
@@ -286,142 +215,136 @@ def _size_flags(config: CompareConfig) -> list[str]:
     return flags
 
 
+def _ranks_flags(config: CompareConfig) -> list[str]:
+    threads = ["--threads", str(config.threads)] if config.threads else []
+    return ["--model", "dual", "--placement", "ranks", *_size_flags(config), "--seed", str(config.seed), *threads]
+
+
 def _run_ranks(config: CompareConfig) -> Variant:
-    """dual/ranks: this process when it is a torchrun worker, else a 2-process torchrun job."""
+    """dual/ranks as a 2-process torchrun job (this process is not a torchrun worker)."""
     notes: list[str] = []
+    job = {"threads": config.threads, "timeout_s": config.ranks_timeout_s}
     with tempfile.TemporaryDirectory(prefix="alexnet2gpu-ranks-") as tmp:
-        threads = ["--threads", str(config.threads)] if config.threads else []
-        bench = _ranks_job(
-            config,
-            [
-                "bench",
-                "--model",
-                "dual",
-                "--placement",
-                "ranks",
-                *_size_flags(config),
-                "--batch-sizes",
-                ",".join(map(str, config.batch_sizes)),
-                "--mode",
-                "both",
-                "--repeats",
-                str(config.repeats),
-                "--warmup",
-                str(config.warmup),
-                "--steps",
-                str(config.steps),
-                "--seed",
-                str(config.seed),
-                *threads,
-            ],
-            os.path.join(tmp, "bench.json"),
-            notes,
-        )
-        memory = _ranks_job(
-            config,
-            [
-                "memory",
-                "--model",
-                "dual",
-                "--placement",
-                "ranks",
-                *_size_flags(config),
-                "--batch-size",
-                str(config.memory_batch_size),
-                "--seed",
-                str(config.seed),
-                *threads,
-            ],
-            os.path.join(tmp, "memory.json"),
-            notes,
-        )
+        sweep = ["--batch-sizes", ",".join(map(str, config.batch_sizes)), "--mode", "both"]
+        timing = ["--repeats", str(config.repeats), "--warmup", str(config.warmup), "--steps", str(config.steps)]
+        bench_argv = ["bench", *_ranks_flags(config), *sweep, *timing]
+        bench = run_torchrun_job(bench_argv, os.path.join(tmp, "bench.json"), notes, **job)
+        memory_argv = ["memory", *_ranks_flags(config), "--batch-size", str(config.memory_batch_size)]
+        memory = run_torchrun_job(memory_argv, os.path.join(tmp, "memory.json"), notes, **job)
     results = [BenchResult(**r) for r in bench["results"]]
-    report = _memory_from_json(memory)
-    return Variant(
-        name="dual/ranks",
-        model="dual",
-        placement="ranks",
-        devices=results[0].device if results else "",
-        params=_param_count(report),
-        memory=report,
-        results=results,
-        comm_bytes_per_step=report.comm_bytes_per_step,
-        note="; ".join(["2 processes launched with torch.distributed.run (gloo on the CPU), one tower each", *notes]),
-    )
+    report = MemoryReport.from_json(memory)
+    note = "2 processes launched with torch.distributed.run (gloo on the CPU), one tower each"
+    return _variant("dual/ranks", report, results, "; ".join([note, *notes]))
 
 
 def _run_ranks_here(config: CompareConfig, on_repeat: Callable[[], None] | None) -> Variant:
     """dual/ranks in this torchrun job (every rank calls it): bench and memory collectively."""
     kwargs = config.model_kwargs()
-    results = run_bench(
-        "dual",
-        "ranks",
-        None,
-        batch_sizes=config.batch_sizes,
-        warmup=config.warmup,
-        repeats=config.repeats,
-        steps=config.steps,
-        seed=config.seed,
-        on_repeat=on_repeat,
-        **kwargs,
-    )
+    timing = {"warmup": config.warmup, "repeats": config.repeats, "steps": config.steps, "seed": config.seed}
+    results = run_bench("dual", "ranks", None, batch_sizes=config.batch_sizes, on_repeat=on_repeat, **timing, **kwargs)
     report = run_memory("dual", "ranks", None, batch_size=config.memory_batch_size, seed=config.seed, **kwargs)
     if on_repeat is not None:
         on_repeat()
     world = results[0].processes if results else 2
+    return _variant("dual/ranks", report, results, f"this torchrun job's {world} processes, one tower each")
+
+
+def _variant(
+    name: str, report: MemoryReport | None, results: list[BenchResult], note: str = "", devices: str = ""
+) -> Variant:
+    spec = VARIANTS[name]
     return Variant(
-        name="dual/ranks",
-        model="dual",
-        placement="ranks",
-        devices=results[0].device if results else "",
+        name=name,
+        model=spec.model,
+        placement=spec.placement,
+        devices=results[0].device if results else devices,
         params=_param_count(report),
         memory=report,
         results=results,
-        comm_bytes_per_step=report.comm_bytes_per_step,
-        note=f"this torchrun job's {world} processes, one tower each",
+        comm_bytes_per_step=report.comm_bytes_per_step if report else 0,
+        note=note,
     )
 
 
-def _run_single(
-    name: str, config: CompareConfig, measure_throughput: bool, on_repeat: Callable[[], None] | None
-) -> Variant:
-    model, placement = VARIANTS[name]
-    devices = _devices_for(name)
+def _run_single(name: str, config: CompareConfig, on_repeat: Callable[[], None] | None) -> Variant:
+    """A one-process variant: its memory step, then its throughput where it can be measured."""
+    spec = VARIANTS[name]
+    devices = _devices_for(spec)
     kwargs = config.model_kwargs()
-    report = run_memory(model, placement, devices, batch_size=config.memory_batch_size, seed=config.seed, **kwargs)
+    report = run_memory(
+        spec.model, spec.placement, devices, batch_size=config.memory_batch_size, seed=config.seed, **kwargs
+    )
     if on_repeat is not None:
         on_repeat()
     results = []
-    if measure_throughput:
+    if _measurable(spec):
+        timing = {"warmup": config.warmup, "repeats": config.repeats, "steps": config.steps, "seed": config.seed}
         results = run_bench(
-            model,
-            placement,
-            devices,
-            batch_sizes=config.batch_sizes,
-            warmup=config.warmup,
-            repeats=config.repeats,
-            steps=config.steps,
-            seed=config.seed,
-            on_repeat=on_repeat,
-            **kwargs,
+            spec.model, spec.placement, devices, batch_sizes=config.batch_sizes, on_repeat=on_repeat, **timing, **kwargs
         )
-    label = results[0].device if results else ",".join(devices)
-    return Variant(
-        name=name,
-        model=model,
-        placement=placement,
-        devices=label,
-        params=_param_count(report),
-        memory=report,
-        results=results,
-        comm_bytes_per_step=report.comm_bytes_per_step,
-    )
+    return _variant(name, report, results, devices=",".join(devices or []))
 
 
 def units_of_work(config: CompareConfig, names: list[str]) -> dict[str, int]:
     """Progress units per variant: one for the memory step, one per timed repeat."""
     per_variant = 1 + len(config.batch_sizes) * 2 * config.repeats
     return {name: per_variant for name in names}
+
+
+def _ticker(on_progress: Callable[[int, str], None] | None, description: str) -> Callable[[], None]:
+    return lambda: on_progress(1, description) if on_progress else None
+
+
+def _run_variants(
+    config: CompareConfig, names: list[str], notes: dict[str, str], on_progress: Callable[[int, str], None] | None
+) -> list[Variant] | None:
+    """Measures ``names``; None on a torchrun worker other than rank 0 (which only helps
+    measure the distributed variant)."""
+    variants = []
+    env = TorchrunEnv.from_environ()
+    distributed = [n for n in names if VARIANTS[n].processes > 1]
+    if env.launched and distributed:
+        # Started under torchrun: every rank measures dual/ranks here, then the group is
+        # closed and rank 0 alone goes on with the single-process variants.
+        try:
+            variants.append(_run_ranks_here(config, _ticker(on_progress, distributed[0])))
+        finally:
+            close_distributed()
+        names = [n for n in names if n not in distributed]
+    if env.launched and not env.is_rank0:
+        return None
+    units = units_of_work(config, names)
+    for name in names:
+        if on_progress:
+            on_progress(0, name)
+        if VARIANTS[name].processes > 1:
+            variant = _run_ranks(config)
+            if on_progress:
+                on_progress(units[name], name)
+        else:
+            variant = _run_single(name, config, _ticker(on_progress, name))
+            if not variant.results and on_progress:
+                on_progress(units[name] - 1, name)
+        variant.note = "; ".join(filter(None, [variant.note, notes.get(name, "")]))
+        variants.append(variant)
+    return variants
+
+
+def _run_overhead(config: CompareConfig, on_progress: Callable[[int, str], None] | None) -> OverheadResult:
+    what = "harness against a plain loop"
+    if on_progress:
+        on_progress(0, what)
+    return measure_overhead(
+        "simplified",
+        device=_devices_for(VARIANTS["simplified"])[0],
+        batch_size=max(config.batch_sizes),
+        warmup=config.warmup,
+        repeats=config.repeats,
+        steps=config.steps,
+        seed=config.seed,
+        on_repeat=_ticker(on_progress, what),
+        **config.model_kwargs(),
+    )
 
 
 def run_compare(
@@ -439,59 +362,11 @@ def run_compare(
         torch.set_num_threads(config.threads)
     machine_before = machine_info()
     names, notes = plan_variants(config)
-    skipped = {n: why for n, why in notes.items() if n not in names}
-    gpus = torch.cuda.device_count()
-    units = units_of_work(config, names)
-
-    def tick(description: str) -> Callable[[], None]:
-        return lambda: on_progress(1, description) if on_progress else None
-
-    variants = []
-    env = TorchrunEnv.from_environ()
     try:
-        if env.launched and "dual/ranks" in names:
-            # Started under torchrun: every rank measures dual/ranks here, then the group is
-            # closed and rank 0 alone goes on with the single-process variants.
-            from ..parallel import close_distributed
-
-            try:
-                variants.append(_run_ranks_here(config, tick("dual/ranks")))
-            finally:
-                close_distributed()
-            names.remove("dual/ranks")
-            if not env.is_rank0:
-                return None
-        elif env.launched and not env.is_rank0:
+        variants = _run_variants(config, names, notes, on_progress)
+        if variants is None:
             return None
-        for name in names:
-            if on_progress:
-                on_progress(0, name)
-            if name == "dual/ranks":
-                variant = _run_ranks(config)
-                if on_progress:
-                    on_progress(units[name], name)
-            else:
-                measure = not (name == "dual/split" and gpus < 2)
-                variant = _run_single(name, config, measure, tick(name))
-                if not measure and on_progress:
-                    on_progress(units[name] - 1, name)
-            variant.note = "; ".join(filter(None, [variant.note, notes.get(name, "")]))
-            variants.append(variant)
-        overhead = None
-        if config.overhead:
-            if on_progress:
-                on_progress(0, "harness against a plain loop")
-            overhead = measure_overhead(
-                "simplified",
-                device=_devices_for("simplified")[0],
-                batch_size=max(config.batch_sizes),
-                warmup=config.warmup,
-                repeats=config.repeats,
-                steps=config.steps,
-                seed=config.seed,
-                on_repeat=tick("harness against a plain loop"),
-                **config.model_kwargs(),
-            )
+        overhead = _run_overhead(config, on_progress) if config.overhead else None
     finally:
         torch.set_num_threads(previous_threads)
     order = list(VARIANTS)
@@ -500,7 +375,7 @@ def run_compare(
     machine["load_average_before"] = machine_before["load_average"]
     return CompareReport(
         variants=variants,
-        skipped=skipped,
+        skipped={n: why for n, why in notes.items() if n not in names},
         config=asdict(config),
         machine=machine,
         overhead=overhead,

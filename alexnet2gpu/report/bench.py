@@ -8,7 +8,7 @@ from rich.table import Table
 from ..measure.bench import BenchResult, OverheadResult
 from . import console
 
-__all__ = ["progress_bar", "render_bench", "render_overhead"]
+__all__ = ["ProgressBar", "progress_bar", "render_bench", "render_overhead"]
 
 
 def render_bench(results: list[BenchResult], machine: dict | None = None) -> None:
@@ -58,7 +58,7 @@ def render_overhead(result: OverheadResult) -> None:
     )
 
 
-class _Progress:
+class ProgressBar:
     """A rich progress bar for long measurements; ``advance()`` is the callback that
     measurement code calls (it knows nothing of rich). Off when ``enabled`` is False
     (other ranks, JSON to stdout), then ``advance`` does nothing."""
@@ -69,7 +69,7 @@ class _Progress:
         self._task = None
         self._total, self._description = total, description
 
-    def __enter__(self) -> _Progress:
+    def __enter__(self) -> ProgressBar:
         if self.enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -94,11 +94,7 @@ class _Progress:
             kwargs = {"description": description} if description else {}
             self._progress.update(self._task, advance=steps, **kwargs)
 
-    def describe(self, description: str) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, description=description)
 
-
-def progress_bar(total: int, description: str, enabled: bool = True) -> _Progress:
+def progress_bar(total: int, description: str, enabled: bool = True) -> ProgressBar:
     """``with progress_bar(n, "measuring") as bar: work(on_repeat=bar.advance)``."""
-    return _Progress(total, description, enabled)
+    return ProgressBar(total, description, enabled)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.table import Table
@@ -65,63 +66,128 @@ def _speedup_rows(report: CompareReport):
         yield name, mode, batch, [f"{vs[b]:.2f}x" if b in vs else "" for b in BASELINES]
 
 
+@dataclass
+class _Section:
+    """One table, rendered both as a rich table and as Markdown."""
+
+    heading: str  # the Markdown heading and the terminal table's title
+    header: list[str]
+    rows: list[list[str]]
+    right_from: int = 1  # columns from this one on are right-aligned (numbers)
+    intro: str = ""  # a paragraph under the Markdown heading
+    terminal: bool = True  # also printed in the terminal
+
+
+def _memory_section(report: CompareReport) -> _Section:
+    rows = []
+    for v, d in _memory_rows(report):
+        rss = f"; process peak RSS {fmt_mib(d.rss_peak_bytes)} MiB measured" if d.rss_peak_bytes else ""
+        rows.append(
+            [
+                v.name,
+                d.device,
+                fmt_int(d.params),
+                fmt_mib(d.params_bytes),
+                fmt_mib(d.grads_bytes),
+                fmt_mib(d.optimizer_bytes),
+                fmt_mib(d.activations_bytes),
+                fmt_mib(d.peak_bytes),
+                d.source + rss,
+            ]
+        )
+    return _Section(
+        f"Parameters and memory per device (MiB, one training step at batch {report.config['memory_batch_size']})",
+        ["variant", "device", "params", "param MiB", "grads", "optimizer", "activations", "peak", "source"],
+        rows,
+        right_from=2,
+    )
+
+
+def _throughput_section(report: CompareReport) -> _Section:
+    sizes = _batch_sizes(report)
+    rows = [
+        [v.name, v.devices, mode, *[_rate(v, mode, b) for b in sizes]]
+        for mode in ("train", "infer")
+        for v in report.variants
+        if v.results
+    ]
+    rows += [
+        [v.name, v.devices, "train, infer", *["not measured here (see notes)"] * len(sizes)]
+        for v in report.variants
+        if not v.results
+    ]
+    return _Section(
+        "Throughput (images/s, measured: median ± half the range of the repeats)",
+        ["variant", "device", "mode", *(f"batch {b}" for b in sizes)],
+        rows,
+        right_from=3,
+    )
+
+
+def _cpu_section(report: CompareReport) -> _Section:
+    sizes = _batch_sizes(report)
+    return _Section(
+        "CPU seconds per training step (measured, the busiest process)",
+        ["variant", "device", *(f"batch {b}" for b in sizes)],
+        [[v.name, v.devices, *[_cpu(v, b) for b in sizes]] for v in report.variants if v.results],
+        right_from=2,
+        intro="Process CPU time (`time.process_time`) per step; under `dual/ranks`, the larger of the two "
+        "processes'. Other jobs sharing the machine inflate it less than the images/s above (not "
+        "at all only where they leave the caches alone).",
+        terminal=False,
+    )
+
+
+def _comm_section(report: CompareReport) -> _Section:
+    rows = [
+        [v.name, str(b), fmt_int(v.comm_bytes_per_step), fmt_int(v.comm_bytes_per_step // b)]
+        for v in report.variants
+        if v.memory is not None
+        for b in [v.memory.batch_size]
+    ]
+    return _Section(
+        "Bytes exchanged between devices per training step (forward + backward)",
+        ["variant", "batch", "bytes", "per image"],
+        rows,
+    )
+
+
+def _speedup_section(report: CompareReport) -> _Section:
+    return _Section(
+        "Speed-ups (images/s over images/s, same run)",
+        ["variant", "mode", "batch", *(f"vs {b}" for b in BASELINES)],
+        [[name, mode, str(batch), *cells] for name, mode, batch, cells in _speedup_rows(report)],
+        right_from=2,
+    )
+
+
+def _sections(report: CompareReport) -> list[_Section]:
+    return [
+        _memory_section(report),
+        _throughput_section(report),
+        _cpu_section(report),
+        _comm_section(report),
+        _speedup_section(report),
+    ]
+
+
+def _rich_table(section: _Section) -> Table:
+    table = Table(title=section.heading, title_justify="left")
+    for i, name in enumerate(section.header):
+        numeric = i >= section.right_from and name != "source"
+        # numbers are never cut short: folded onto a second line before an ellipsis
+        table.add_column(name, justify="right" if numeric else "left", overflow="fold", no_wrap=i == 0)
+    for row in section.rows:
+        table.add_row(*row)
+    return table
+
+
 def render_compare(report: CompareReport) -> None:
     out = console()
     out.print(f"[bold]alexnet2gpu compare[/]: {_where(report)}")
-
-    mem = Table(
-        title=f"parameters and memory per device, MiB, one training step at batch {report.config['memory_batch_size']}",
-        title_justify="left",
-    )
-    for col in ("variant", "device", "params", "param MiB", "grads", "optimizer", "activations", "peak", "source"):
-        mem.add_column(
-            col, justify="left" if col in ("variant", "device", "source") else "right", no_wrap=col == "variant"
-        )
-    for v, d in _memory_rows(report):
-        source = d.source + (f"; RSS {fmt_mib(d.rss_peak_bytes)} measured" if d.rss_peak_bytes else "")
-        mem.add_row(
-            v.name,
-            d.device,
-            fmt_int(d.params),
-            fmt_mib(d.params_bytes),
-            fmt_mib(d.grads_bytes),
-            fmt_mib(d.optimizer_bytes),
-            fmt_mib(d.activations_bytes),
-            fmt_mib(d.peak_bytes),
-            source,
-        )
-    out.print(mem)
-
-    sizes = _batch_sizes(report)
-    thr = Table(title="images/s, measured: median ± half the range of the repeats", title_justify="left")
-    thr.add_column("variant", no_wrap=True)
-    thr.add_column("device")
-    thr.add_column("mode")
-    for b in sizes:
-        thr.add_column(f"batch {b}", justify="right")
-    for mode in ("train", "infer"):
-        for v in report.variants:
-            if v.results:
-                thr.add_row(v.name, v.devices, mode, *[_rate(v, mode, b) for b in sizes])
-        thr.add_section()
-    out.print(thr)
-
-    comm = Table(title="bytes exchanged between devices per training step (forward + backward)", title_justify="left")
-    for col in ("variant", "batch", "bytes", "per image"):
-        comm.add_column(col, justify="left" if col == "variant" else "right")
-    for v in report.variants:
-        if v.memory is not None:
-            b = v.memory.batch_size
-            comm.add_row(v.name, str(b), fmt_int(v.comm_bytes_per_step), fmt_int(v.comm_bytes_per_step // b))
-    out.print(comm)
-
-    spd = Table(title="speed-ups (images/s over images/s, same run)", title_justify="left")
-    for col in ("variant", "mode", "batch", *(f"vs {b}" for b in BASELINES)):
-        spd.add_column(col, justify="left" if col in ("variant", "mode") else "right")
-    for name, mode, batch, cells in _speedup_rows(report):
-        spd.add_row(name, mode, str(batch), *cells)
-    out.print(spd)
-
+    for section in _sections(report):
+        if section.terminal:
+            out.print(_rich_table(section))
     for line in _notes(report):
         out.print(line)
 
@@ -142,18 +208,15 @@ def _notes(report: CompareReport) -> list[str]:
     return lines
 
 
-def _md_table(
-    header: list[str], rows: list[list[str]], right_from: int = 1, left: tuple[str, ...] = ("source",)
-) -> str:
-    align = ["---" if i < right_from or name in left else "---:" for i, name in enumerate(header)]
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+def _md_table(section: _Section) -> str:
+    align = ["---" if i < section.right_from or name == "source" else "---:" for i, name in enumerate(section.header)]
+    lines = ["| " + " | ".join(section.header) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in section.rows]
     return "\n".join(lines)
 
 
 def compare_markdown(report: CompareReport) -> str:
     c = report.config
-    sizes = _batch_sizes(report)
     parts = [
         "# alexnet2gpu compare",
         "",
@@ -167,88 +230,14 @@ def compare_markdown(report: CompareReport) -> str:
         "in their `source` column whether they are **measured** (CUDA allocator) or **estimated** "
         "(accounted from the tensors of a real step, per intended device).",
         "",
-        "## Parameters and memory per device (MiB, one training step)",
-        "",
-        _md_table(
-            ["variant", "device", "params", "param MiB", "grads", "optimizer", "activations", "peak", "source"],
-            [
-                [
-                    v.name,
-                    d.device,
-                    fmt_int(d.params),
-                    fmt_mib(d.params_bytes),
-                    fmt_mib(d.grads_bytes),
-                    fmt_mib(d.optimizer_bytes),
-                    fmt_mib(d.activations_bytes),
-                    fmt_mib(d.peak_bytes),
-                    d.source
-                    + (f"; process peak RSS {fmt_mib(d.rss_peak_bytes)} MiB measured" if d.rss_peak_bytes else ""),
-                ]
-                for v, d in _memory_rows(report)
-            ],
-            right_from=2,
-        ),
-        "",
-        "## Throughput (images/s, measured)",
-        "",
-        _md_table(
-            ["variant", "device", "mode", *(f"batch {b}" for b in sizes)],
-            [
-                [v.name, v.devices, mode, *[_rate(v, mode, b) for b in sizes]]
-                for mode in ("train", "infer")
-                for v in report.variants
-                if v.results
-            ],
-            right_from=3,
-        ),
-        "",
-        "## CPU seconds per training step (measured, the busiest process)",
-        "",
-        "Process CPU time (`time.process_time`) per step; under `dual/ranks`, the larger of the two "
-        "processes'. Other jobs sharing the machine inflate it less than the images/s above (not "
-        "at all only where they leave the caches alone).",
-        "",
-        _md_table(
-            ["variant", "device", *(f"batch {b}" for b in sizes)],
-            [[v.name, v.devices, *[_cpu(v, b) for b in sizes]] for v in report.variants if v.results],
-            right_from=2,
-        ),
-        "",
-        "## Bytes exchanged between devices per training step (forward + backward)",
-        "",
-        _md_table(
-            ["variant", "batch", "bytes", "per image"],
-            [
-                [
-                    v.name,
-                    str(v.memory.batch_size),
-                    fmt_int(v.comm_bytes_per_step),
-                    fmt_int(v.comm_bytes_per_step // v.memory.batch_size),
-                ]
-                for v in report.variants
-                if v.memory is not None
-            ],
-        ),
-        "",
-        "## Speed-ups (same run)",
-        "",
-        _md_table(
-            ["variant", "mode", "batch", *(f"vs {b}" for b in BASELINES)],
-            [[name, mode, str(batch), *cells] for name, mode, batch, cells in _speedup_rows(report)],
-            right_from=2,
-        ),
-        "",
-        "## Notes",
-        "",
-        *[f"- {line}" for line in _notes(report)],
-        "",
-        "## Plots",
-        "",
-        "![memory per device](memory.png)",
-        "",
-        "![throughput against batch size](throughput.png)",
-        "",
     ]
+    for section in _sections(report):
+        parts += [f"## {section.heading}", ""]
+        if section.intro:
+            parts += [section.intro, ""]
+        parts += [_md_table(section), ""]
+    parts += ["## Notes", "", *[f"- {line}" for line in _notes(report)], "", "## Plots", ""]
+    parts += ["![memory per device](memory.png)", "", "![throughput against batch size](throughput.png)", ""]
     return "\n".join(parts)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from ..measure.memory import MemoryReport
+from ..measure.accounting import MemoryReport
 from . import console, fmt_mib
 
 __all__ = ["render_memory"]

@@ -8,10 +8,12 @@ from ..checks.summary import SummaryRecord
 from ..checks.verify import PlacementCheck
 from . import console, fmt_int
 
-__all__ = ["render_summary", "render_checks"]
+__all__ = ["render_checks", "render_layer_table", "render_summary"]
 
 
-def render_summary(record: SummaryRecord) -> None:
+def render_layer_table(record: SummaryRecord) -> None:
+    """`summary`'s table: every layer's device, output shape and parameters, then the
+    parameters per device."""
     table = Table(title=f"{record.model} / {record.placement}", title_justify="left")
     table.add_column("layer")
     table.add_column("type")
@@ -30,6 +32,11 @@ def render_summary(record: SummaryRecord) -> None:
     out.print(table)
     if record.note:
         out.print(record.note)
+
+
+# The old name, until cli/summary.py imports render_layer_table (the training report has a
+# render_summary of its own).
+render_summary = render_layer_table
 
 
 def render_checks(checks: list[PlacementCheck]) -> None:
