@@ -13,10 +13,11 @@ from alexnet2gpu import Alexnet2gpuError, ConfigError, build_model, place
 from alexnet2gpu.cli import main
 from alexnet2gpu.measure import bench as bench_mod
 from alexnet2gpu.measure import timing as timing_mod
+from alexnet2gpu.measure import workload as workload_mod
 from alexnet2gpu.measure.bench import bench_placed, measure_overhead, run_bench
 from alexnet2gpu.measure.estimate import estimate_memory, largest_batch_that_fits
 from alexnet2gpu.measure.timing import rates_summary, synchronize, time_repeats
-from alexnet2gpu.measure.workload import parse_batch_sizes
+from alexnet2gpu.measure.workload import compile_placed, parse_batch_sizes
 
 from .tiny import TINY, TINY_ARGS, tiny, tiny_args
 
@@ -245,3 +246,51 @@ def test_an_unwritable_json_path_is_one_line(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert code == 1 and f"could not write {blocker / 'bench.json'}" in err and "Traceback" not in err
+
+
+def test_compile_time_is_timed_apart_and_kept_out_of_images_per_s(monkeypatch):
+    """A compiled step is slow on its first call after each reset (it compiles): that call
+    is the record's compile_s, before and apart from the warm-up and the timed repeats."""
+    real, state = bench_mod.train_step, {"fresh": False, "calls": 0}
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: state.update(fresh=True))
+
+    def compiling_step(*args):
+        state["calls"] += 1
+        if state["fresh"]:
+            state["fresh"] = False
+            time.sleep(0.5)
+        real(*args)
+
+    monkeypatch.setattr(bench_mod, "train_step", compiling_step)
+    placed = place(build_model("dual", **TINY), "towers", "cpu")
+    results = bench_placed(placed, "dual", [2, 4], ["train"], warmup=1, repeats=2, compiled=True)
+    assert state["calls"] == 2 * (1 + 1 + 2)  # per batch: the compiling call, the warm-up, the repeats
+    for r in results:
+        assert r.compiled and r.compile_s >= 0.5
+        assert all(r.batch_size / rate < 0.25 for rate in r.repeats_images_per_s)  # no compile inside
+    assert all(r.compile_s is None and not r.compiled for r in bench_placed(placed, "dual", [2], ["train"]))
+
+
+@pytest.mark.parametrize("placement,devices", [("towers", "cpu"), ("grouped", "cpu"), ("split", "cpu,cpu")])
+def test_every_placement_trains_under_torch_compile(placement, devices):
+    """Dynamo traces each placement (the eager backend: no code generation, so the test is
+    quick); the compiled step still trains the weights."""
+    torch._dynamo.utils.counters.clear()
+    placed = compile_placed(place(build_model("dual", **TINY), placement, devices), backend="eager")
+    before = placed.fc8.weight.detach().clone()
+    (result,) = bench_placed(placed, "dual", [2], ["train"], warmup=0, repeats=1, compiled=True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert result.compiled and result.compile_s > 0 and not torch.equal(before, placed.fc8.weight)
+
+
+def test_bench_compile_on_the_command_line(tmp_path, capsys, monkeypatch):
+    real = workload_mod.compile_placed
+    monkeypatch.setattr(workload_mod, "compile_placed", lambda placed: real(placed, backend="eager"))
+    out = tmp_path / "bench.json"
+    argv = ["bench", *tiny_args("simplified"), "--batch-sizes", "2", "--repeats", "1", "--warmup", "0"]
+    assert main([*argv, "--compile", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["mode"], r["compiled"]) for r in rows] == [("train", True), ("infer", True)]
+    assert all(r["compile_s"] > 0 for r in rows)
+    printed = capsys.readouterr().out
+    assert "compile time (torch.compile" in printed and "train at batch 2:" in printed

@@ -10,12 +10,15 @@ import pytest
 import torch
 
 from alexnet2gpu import Alexnet2gpuError
+from alexnet2gpu.cli import compare as compare_cli
 from alexnet2gpu.cli import main
 from alexnet2gpu.measure import bench as bench_mod
 from alexnet2gpu.measure import compare as compare_mod
-from alexnet2gpu.measure.compare import CompareConfig, run_compare, speedups
+from alexnet2gpu.measure import workload as workload_mod
+from alexnet2gpu.measure.compare import run_compare
+from alexnet2gpu.measure.matrix import CompareConfig, speedups
 from alexnet2gpu.report import compare as report_compare
-from alexnet2gpu.report import plots
+from alexnet2gpu.report import make_console, plots
 
 from .tiny import TINY_SIZE, TINY_WIDTH
 
@@ -49,7 +52,8 @@ def test_compare_runs_the_local_matrix(report):
         assert v.params > 0 and v.memory is not None
         if v.name == "dual/split" and torch.cuda.device_count() < 2:
             assert v.results == [] and "needs two GPUs" in v.note
-            assert [d.device for d in v.memory.devices] == ["cpu #0", "cpu #1"]
+            assert [d.device for d in v.memory.devices] == ["cuda:0", "cuda:1"]
+            assert {d.source for d in v.memory.devices} == {"estimated"} and v.devices == "cuda:0,cuda:1"
             assert v.comm_bytes_per_step > 0
         else:
             assert {(r.mode, r.batch_size) for r in v.results} == {(m, b) for m in ("train", "infer") for b in (2, 4)}
@@ -162,7 +166,7 @@ def test_ranks_job_failure_is_one_clear_error(monkeypatch):
         Alexnet2gpuError,
         match="dual/ranks torchrun job failed: exit 1: alexnet2gpu bench: error: image size 3 is too small",
     ):
-        compare_mod._run_ranks(CompareConfig(variants=["dual/ranks"], overhead=False, **TINY))
+        compare_mod._run_ranks(CompareConfig(variants=["dual/ranks"], overhead=False, **TINY), compiled=False)
 
 
 @pytest.mark.distributed
@@ -203,3 +207,86 @@ def test_an_unusable_out_folder_is_refused_before_measuring(tmp_path, capsys, mo
     assert main(["compare", "--out", str(blocker / "out")]) == 2
     err = capsys.readouterr().err
     assert f"--out {blocker / 'out'}" in err and "Traceback" not in err and not measured
+
+
+@pytest.fixture(scope="module")
+def compiled_report():
+    """simplified, dual/towers and dual/split with --compile (Dynamo's eager backend: quick)."""
+    real = workload_mod.compile_placed
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench_mod, "compile_placed", lambda placed: real(placed, backend="eager"))
+        config = CompareConfig(
+            variants=["simplified", "dual/towers", "dual/split"], overhead=False, compile=True, **TINY
+        )
+        return run_compare(config, command="test")
+
+
+def test_compare_compile_adds_compiled_variants_and_their_gains(compiled_report, tmp_path):
+    names = [v.name for v in compiled_report.variants]
+    measurable_split = torch.cuda.device_count() >= 2
+    expected = ["simplified", "simplified+compile", "dual/towers", "dual/towers+compile", "dual/split"]
+    assert names == expected + (["dual/split+compile"] if measurable_split else [])
+    by_name = {v.name: v for v in compiled_report.variants}
+    for name in ("simplified", "dual/towers"):
+        eager, compiled = by_name[name], by_name[name + "+compile"]
+        assert compiled.compiled and not eager.compiled and compiled.memory is None
+        assert compiled.params == eager.params and "torch.compile" in compiled.note
+        assert all(r.compiled and r.compile_s > 0 for r in compiled.results)
+    if not measurable_split:
+        assert "needs two GPUs" in compiled_report.skipped["dual/split+compile"]
+    data = compiled_report.to_json()
+    rate = {(v.name, r.mode, r.batch_size): r.images_per_s for v in compiled_report.variants for r in v.results}
+    assert {(g["name"], g["mode"], g["batch_size"]) for g in data["compiled_gains"]} == {
+        (n, m, b) for n in ("simplified", "dual/towers") for m in ("train", "infer") for b in (2, 4)
+    }
+    for g in data["compiled_gains"]:
+        key = (g["name"], g["mode"], g["batch_size"])
+        assert g["gain"] == pytest.approx(rate[(g["name"] + "+compile", *key[1:])] / rate[key])
+    report_compare.write_compare(compiled_report, tmp_path)
+    md = (tmp_path / "compare.md").read_text()
+    assert "compiled variants (`torch.compile`" in md and "simplified+compile, dual/towers+compile" in md
+    assert "## Compiled gain" in md and "## Compile time" in md
+
+
+def test_quick_writes_to_its_own_folder(monkeypatch, tmp_path):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    compare_cli.add_arguments(parser)
+    written = []
+    monkeypatch.setattr(compare_cli, "_check_out_dir", lambda out: written.append(out))
+    monkeypatch.setattr(compare_mod, "run_compare", lambda *a, **k: None)
+    for argv, out in ((["--quick"], "compare-out/quick"), ([], "compare-out"), (["--quick", "--out", "x"], "x")):
+        compare_cli.run(parser.parse_args(argv))
+        assert written.pop() == out
+
+
+def test_tables_keep_every_number_whole_when_not_a_terminal(report, monkeypatch):
+    import io
+
+    from alexnet2gpu import report as report_pkg
+
+    page = io.StringIO()
+    monkeypatch.setattr(report_pkg, "_CONSOLE", make_console(page))
+    report_compare.render_compare(report)
+    text = page.getvalue()
+    assert "…" not in text
+    for v in report.variants:
+        for d in v.memory.devices:
+            assert f"{d.params:,}" in text and d.source in text
+        for r in v.results:
+            assert f"{r.images_per_s:,.1f} ± {r.spread:,.1f}" in text
+    if torch.cuda.device_count() < 2:
+        assert "not measured here" in text
+
+
+def test_throughput_plot_starts_at_zero_and_says_what_the_error_bars_are(report, monkeypatch, tmp_path):
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    plots.plot_throughput(report, tmp_path / "t.png")
+    (fig,) = figures
+    assert all(ax.get_ylim()[0] == 0 for ax in fig.axes)
+    assert "error bars: half the range" in fig._suptitle.get_text()
+    if torch.cuda.device_count() < 2:
+        notes = " ".join(t.get_text() for t in fig.texts)
+        assert "not measured here" in notes and "dual/split" in notes

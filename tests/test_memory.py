@@ -222,3 +222,23 @@ def test_split_measured_on_two_cuda_devices_owns_and_exchanges_what_the_estimate
     assert measured.comm_bytes_per_step == estimated.comm_bytes_per_step > 0
     d0, d1 = measured.devices
     assert d1.activations_bytes > 0 and d0.input_bytes > 0 == d1.input_bytes
+
+
+def test_split_without_gpus_is_estimated_for_cuda0_and_cuda1(monkeypatch, capsys):
+    """No GPU here (or made to look so): split is planned for cuda:0 and cuda:1 on CPU
+    stand-ins, labelled estimated, with the per-device figures of split on cpu,cpu."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    planned = run_memory("dual", "split", None, batch_size=2, **TINY)
+    on_cpu = run_memory("dual", "split", "cpu,cpu", batch_size=2, **TINY)
+    assert [d.device for d in planned.devices] == ["cuda:0", "cuda:1"]
+    assert [d.device for d in on_cpu.devices] == ["cpu #0", "cpu #1"]  # --devices cpu,cpu keeps working
+    assert all(d.source == "estimated" for d in planned.devices)
+    assert "estimated for cuda:0,cuda:1 (not on this machine)" in planned.note
+    for p, c in zip(planned.devices, on_cpu.devices):
+        assert (p.params, p.peak_bytes, p.parts) == (c.params, c.peak_bytes, c.parts)
+    assert planned.comm_bytes_per_step == on_cpu.comm_bytes_per_step > 0
+    with pytest.raises(ConfigError, match="measured memory needs the devices cuda:0,cuda:1"):
+        run_memory("dual", "split", None, batch_size=2, source="measured", **TINY)
+    assert main(["memory", "--placement", "split", *TINY_ARGS, "--batch-size", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "cuda:0" in printed and "cuda:1" in printed and "estimated" in printed

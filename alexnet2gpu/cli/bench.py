@@ -41,18 +41,62 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also time a plain PyTorch loop (forward, loss, backward, SGD step) on the same "
         "model and the first batch size, and report the harness overhead",
     )
+    group.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="run the placed net under torch.compile; each mode and batch size compiles on its first call, "
+        "which is timed and reported on its own (never inside images/s) (default: off)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-' for stdout)")
+
+
+def _overhead(args: argparse.Namespace, placed, batch_size: int, kwargs: dict, show: bool):
+    """The harness against a plain PyTorch loop on the same device and first batch size."""
+    from ..errors import ConfigError
+    from ..measure.bench import measure_overhead
+    from ..report.bench import progress_bar
+
+    if placed.layout.towers_apart:
+        raise ConfigError("--against-plain-loop compares one device: use --placement towers, grouped or auto")
+    with progress_bar(args.repeats, "harness against a plain loop", enabled=show) as bar:
+        return measure_overhead(
+            args.model,
+            device=placed.layout.devices[0],
+            batch_size=batch_size,
+            warmup=args.warmup,
+            repeats=args.repeats,
+            steps=args.steps,
+            seed=args.seed,
+            on_repeat=bar.advance,
+            **kwargs,
+        )
+
+
+def _write(path: str, results, overhead, machine: dict) -> None:
+    import torch
+
+    from ..report import write_json
+
+    data = {"results": [r.to_json() for r in results], "torch": torch.__version__, "machine": machine}
+    if overhead is not None:
+        data["overhead"] = overhead.to_json()
+    try:
+        write_json(path, data)
+    except OSError as error:
+        raise Alexnet2gpuError(f"could not write {path}: {error.strerror or error}") from None
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..errors import ConfigError
-    from ..measure.bench import MODES, bench_placed, measure_overhead
+    from ..measure.bench import MODES, bench_placed
     from ..measure.timing import machine_info
-    from ..measure.workload import parse_batch_sizes
+    from ..measure.workload import compile_placed, parse_batch_sizes
     from ..models import build_model
     from ..parallel import TorchrunEnv, place
+    from ..report.bench import progress_bar, render_bench, render_overhead
 
     if args.threads is not None:
         if args.threads < 1:
@@ -62,12 +106,12 @@ def run(args: argparse.Namespace) -> int:
     modes = list(MODES) if args.mode == "both" else [args.mode]
     kwargs = model_kwargs(args)
     env = TorchrunEnv.from_environ()
+    show = env.is_rank0 and args.json != "-"
     try:
         torch.manual_seed(args.seed)
         placed = place(build_model(args.model, **kwargs), args.placement, args.devices)
-        show = env.is_rank0 and args.json != "-"
-        from ..report.bench import progress_bar, render_bench, render_overhead
-
+        if args.compile:
+            compile_placed(placed)
         total = len(batch_sizes) * len(modes) * args.repeats
         with progress_bar(total, f"{args.model}/{placed.layout.placement}", enabled=show) as bar:
             results = bench_placed(
@@ -82,23 +126,9 @@ def run(args: argparse.Namespace) -> int:
                 width=args.width,
                 model_kwargs=kwargs,
                 on_repeat=bar.advance,
+                compiled=args.compile,
             )
-        overhead = None
-        if args.against_plain_loop:
-            if placed.layout.towers_apart:
-                raise ConfigError("--against-plain-loop compares one device: use --placement towers, grouped or auto")
-            with progress_bar(args.repeats, "harness against a plain loop", enabled=show) as bar:
-                overhead = measure_overhead(
-                    args.model,
-                    device=placed.layout.devices[0],
-                    batch_size=batch_sizes[0],
-                    warmup=args.warmup,
-                    repeats=args.repeats,
-                    steps=args.steps,
-                    seed=args.seed,
-                    on_repeat=bar.advance,
-                    **kwargs,
-                )
+        overhead = _overhead(args, placed, batch_sizes[0], kwargs, show) if args.against_plain_loop else None
     finally:
         if env.launched:  # destroy_process_group on every exit path
             from ..parallel import close_distributed
@@ -112,13 +142,5 @@ def run(args: argparse.Namespace) -> int:
         if overhead is not None:
             render_overhead(overhead)
     if args.json:
-        from ..report import write_json
-
-        data = {"results": [r.to_json() for r in results], "torch": torch.__version__, "machine": machine}
-        if overhead is not None:
-            data["overhead"] = overhead.to_json()
-        try:
-            write_json(args.json, data)
-        except OSError as error:
-            raise Alexnet2gpuError(f"could not write {args.json}: {error.strerror or error}") from None
+        _write(args.json, results, overhead, machine)
     return 0

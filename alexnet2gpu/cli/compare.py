@@ -4,7 +4,7 @@ itself), and the peers half and torchvision, side by side: parameters and memory
 device, training and inference images/s over batch sizes, bytes exchanged per step and
 speed-ups. Writes DIR/compare.json, DIR/compare.md and PNG plots, atomically: an
 interrupted run leaves the previous report as it was. Defaults fit 10 minutes on a 2-core
-CPU; --quick fits 2."""
+CPU; --quick fits 2 and writes to compare-out/quick."""
 
 from __future__ import annotations
 
@@ -16,13 +16,16 @@ from pathlib import Path
 
 from ..errors import Alexnet2gpuError
 
+FULL_OUT, QUICK_OUT = "compare-out", "compare-out/quick"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
-        default="compare-out",
+        default=None,
         metavar="DIR",
-        help="folder for compare.json, compare.md and the plots (default: %(default)s)",
+        help=f"folder for compare.json, compare.md and the plots (default: {FULL_OUT}; with --quick {QUICK_OUT}, "
+        "so that a quick run never replaces the full report)",
     )
     parser.add_argument(
         "--quick",
@@ -54,6 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--width", type=float, default=None, help="width multiplier for every net (default: 1)")
     parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also measure every variant under torch.compile (rows named VARIANT+compile), with the compiled "
+        "gain and the compile time reported apart (default: off)",
+    )
+    parser.add_argument(
         "--overhead",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -62,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from ..measure.compare import CompareConfig
+    from ..measure.matrix import CompareConfig
     from ..measure.workload import parse_batch_sizes
 
     overrides = {}
@@ -75,6 +85,7 @@ def config_from_args(args: argparse.Namespace):
             overrides[key] = getattr(args, key)
     overrides["threads"] = args.threads or None
     overrides["overhead"] = args.overhead
+    overrides["compile"] = args.compile
     return CompareConfig.quick(**overrides) if args.quick else CompareConfig(**overrides)
 
 
@@ -101,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
     from ..report.compare import render_compare, write_compare
 
     config = config_from_args(args)
+    if args.out is None:
+        args.out = QUICK_OUT if args.quick else FULL_OUT
     env = TorchrunEnv.from_environ()
     if env.is_rank0:
         _check_out_dir(args.out)  # before minutes of measuring, not after

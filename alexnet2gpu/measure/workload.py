@@ -82,12 +82,13 @@ def train_step(placed: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
     optimizer.step()
 
 
-def compile_placed(placed: nn.Module) -> nn.Module:
+def compile_placed(placed: nn.Module, *, backend: str = "inductor") -> nn.Module:
     """Compiles ``placed`` in place with ``torch.compile`` (static shapes: each batch size
     gets its own graph) and returns it: its ``__call__``, and under ``ranks`` also its own
     ``forward_loss``, which the training step calls instead. The first call of each mode
-    and batch size compiles; :func:`~.bench.bench_placed` times that call apart."""
-    placed.compile(dynamic=False)
+    and batch size compiles; :func:`~.bench.bench_placed` times that call apart.
+    ``backend="eager"`` traces with Dynamo without generating code (fast: the tests)."""
+    placed.compile(dynamic=False, backend=backend)
     if getattr(type(placed), "forward_loss", None) is not None:  # a placement whose loss is a collective
-        placed.forward_loss = torch.compile(placed.forward_loss, dynamic=False)
+        placed.forward_loss = torch.compile(placed.forward_loss, dynamic=False, backend=backend)
     return placed

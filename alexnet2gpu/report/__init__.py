@@ -10,16 +10,28 @@ from rich.console import Console
 
 from ..io.atomic import write_atomic
 
-__all__ = ["console", "fmt_int", "fmt_mib", "write_json", "write_text_atomic"]
+__all__ = ["console", "fmt_int", "fmt_mib", "make_console", "write_json", "write_text_atomic"]
 
 _CONSOLE: Console | None = None
+# Piped or redirected output has no terminal width to fit: rich would assume 80 columns and
+# cut numbers short ("46,7…"); a wide page keeps every figure whole.
+NON_TERMINAL_WIDTH = 240
+
+
+def make_console(file=None) -> Console:
+    """A console on ``file`` (default stdout): a terminal's own width, else
+    ``NON_TERMINAL_WIDTH`` columns."""
+    made = Console(file=file, highlight=False)
+    if not made.is_terminal:
+        made = Console(file=file, highlight=False, width=NON_TERMINAL_WIDTH)
+    return made
 
 
 def console() -> Console:
     """The one console everything prints through (stdout)."""
     global _CONSOLE
     if _CONSOLE is None:
-        _CONSOLE = Console(highlight=False)
+        _CONSOLE = make_console()
     return _CONSOLE
 
 

@@ -37,6 +37,13 @@ def render_bench(results: list[BenchResult], machine: dict | None = None) -> Non
             f"{1000 * r.cpu_s_per_step:,.1f}",
         )
     console().print(table)
+    compiled = [r for r in results if r.compile_s is not None]
+    if compiled:
+        times = ", ".join(f"{r.mode} at batch {r.batch_size}: {r.compile_s:,.1f} s" for r in compiled)
+        console().print(
+            f"compile time (torch.compile; the first call of each mode and batch, compilation plus one step, "
+            f"not in images/s): {times}"
+        )
     if machine:
         console().print(
             f"machine: {machine.get('cpu')}, {machine.get('cpu_cores')} cores, "

@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.table import Table
 
 from ..io.atomic import write_all_atomic
-from ..measure.compare import BASELINES, CompareReport, speedups
+from ..measure.matrix import BASELINES, CompareReport, compiled_gains, eager_name, speedups
 from . import console, fmt_int, fmt_mib
 
 __all__ = ["FILES", "compare_markdown", "render_compare", "write_compare"]
@@ -161,6 +161,41 @@ def _speedup_section(report: CompareReport) -> _Section:
     )
 
 
+def _compiled_sections(report: CompareReport) -> list[_Section]:
+    """The compiled gain of every variant that ran compiled, and each one's compile time."""
+    compiled = [v for v in report.variants if v.compiled and v.results]
+    if not compiled:
+        return []
+    sizes = _batch_sizes(report)
+    gains = {(g["name"], g["mode"], g["batch_size"]): g["gain"] for g in compiled_gains(report.variants)}
+    gain_rows = []
+    for mode in ("train", "infer"):
+        for v in compiled:
+            name = eager_name(v.name)
+            cells = [f"{gains[name, mode, b]:.2f}x" if (name, mode, b) in gains else "" for b in sizes]
+            gain_rows.append([name, mode, *cells])
+    time_rows = [
+        [v.name, r.mode, str(r.batch_size), f"{r.compile_s:,.1f}"]
+        for v in compiled
+        for r in v.results
+        if r.compile_s is not None
+    ]
+    return [
+        _Section(
+            "Compiled gain (torch.compile images/s over eager images/s, same run)",
+            ["variant", "mode", *(f"batch {b}" for b in sizes)],
+            gain_rows,
+            right_from=2,
+        ),
+        _Section(
+            "Compile time (s; the first call of each mode and batch: compilation plus one step, never in images/s)",
+            ["variant", "mode", "batch", "seconds"],
+            time_rows,
+            right_from=2,
+        ),
+    ]
+
+
 def _sections(report: CompareReport) -> list[_Section]:
     return [
         _memory_section(report),
@@ -168,6 +203,7 @@ def _sections(report: CompareReport) -> list[_Section]:
         _cpu_section(report),
         _comm_section(report),
         _speedup_section(report),
+        *_compiled_sections(report),
     ]
 
 
@@ -188,8 +224,8 @@ def render_compare(report: CompareReport) -> None:
     for section in _sections(report):
         if section.terminal:
             out.print(_rich_table(section))
-    for line in _notes(report):
-        out.print(line)
+    for line in _compiled_line(report) + _notes(report):
+        out.print(line.removeprefix("- "))
 
 
 def _notes(report: CompareReport) -> list[str]:
@@ -215,6 +251,16 @@ def _md_table(section: _Section) -> str:
     return "\n".join(lines)
 
 
+def _compiled_line(report: CompareReport) -> list[str]:
+    names = [v.name for v in report.variants if v.compiled]
+    if not names:
+        return []
+    return [
+        f"- compiled variants (`torch.compile`, inductor, static shapes): {', '.join(names)}; the others run eager. "
+        "Compile time is reported on its own; every images/s is timed after it."
+    ]
+
+
 def compare_markdown(report: CompareReport) -> str:
     c = report.config
     parts = [
@@ -229,6 +275,7 @@ def compare_markdown(report: CompareReport) -> str:
         "- throughput figures are **measured** (median of the repeats ± half their range); memory figures say "
         "in their `source` column whether they are **measured** (CUDA allocator) or **estimated** "
         "(accounted from the tensors of a real step, per intended device).",
+        *_compiled_line(report),
         "",
     ]
     for section in _sections(report):

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..measure.compare import CompareReport  # noqa: E402
+from ..measure.matrix import CompareReport  # noqa: E402
 
 __all__ = ["plot_memory", "plot_throughput"]
 
@@ -55,10 +55,20 @@ def plot_memory(report: CompareReport, path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
+def _unmeasured(report: CompareReport) -> list[str]:
+    """A line per variant whose throughput could not be measured here, and why."""
+    lines = [f"{v.name}: {v.note}" for v in report.variants if not v.results and v.note]
+    lines += [f"{name}: {why}" for name, why in report.skipped.items()]
+    return lines
+
+
 def plot_throughput(report: CompareReport, path: str | os.PathLike) -> None:
-    """images/s against batch size, training and inference side by side, error bars at the spread."""
-    fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.5), layout="constrained")
+    """images/s against batch size, training and inference side by side, from 0; error bars
+    at half the range of the repeats; compiled variants dashed; a note under the axes for
+    each variant not measured here."""
+    fig, axes = plt.subplots(1, 2, figsize=(11.0, 5.0), layout="constrained")
     devices = set()
+    sizes = sorted({r.batch_size for v in report.variants for r in v.results})
     for ax, mode in zip(axes, ("train", "infer")):
         for v in report.variants:
             rows = sorted((r for r in v.results if r.mode == mode), key=lambda r: r.batch_size)
@@ -71,21 +81,28 @@ def plot_throughput(report: CompareReport, path: str | os.PathLike) -> None:
                 yerr=[r.spread for r in rows],
                 marker="o",
                 capsize=3,
+                linestyle="--" if v.compiled else "-",
                 label=f"{v.name} ({rows[0].device})",
             )
         ax.set_xscale("log", base=2)
-        sizes = sorted({r.batch_size for v in report.variants for r in v.results})
         ax.set_xticks(sizes, [str(b) for b in sizes])
         ax.minorticks_off()
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("batch size")
         ax.set_ylabel("images/s (median of repeats)")
         ax.set_title("training step" if mode == "train" else "inference")
         ax.legend(fontsize=7)
     threads = report.config.get("threads")
+    repeats = report.config.get("repeats")
     fig.suptitle(
         f"Throughput, measured on {', '.join(sorted(devices)) or 'nothing'}"
-        f"{f', {threads} CPU thread(s) per process' if threads else ''}; torch {report.torch}",
+        f"{f', {threads} CPU thread(s) per process' if threads else ''}; torch {report.torch}\n"
+        f"error bars: half the range (max - min) / 2 of {repeats} timed repeats; dashed: torch.compile",
         fontsize=9,
     )
+    notes = _unmeasured(report)
+    if notes:
+        fig.text(0.01, 0.0, "not measured here:\n" + "\n".join(notes), fontsize=7, va="bottom", wrap=True)
+        fig.get_layout_engine().set(rect=(0, 0.04 * (len(notes) + 1), 1, 1 - 0.04 * (len(notes) + 1)))
     fig.savefig(path, format="png", dpi=110)
     plt.close(fig)
