@@ -2,11 +2,14 @@
 placement: one device, two devices in one process (split), or one tower per process under
 torchrun (ranks, with data-parallel replicas when WORLD_SIZE = 2k). The paper's recipe is
 the default (SGD, momentum 0.9, weight decay 5e-4, lr 0.01 divided by 10 on a plateau of
-the validation error); --recipe d2l re-runs the seed's set-up. Only rank 0 prints and
-writes. Examples:
+the validation error at most three times, biases at twice the lr without decay, 0-255
+inputs minus the training mean image; on 10 classes it starts at lr 0.003, and says so);
+--recipe d2l re-runs the seed's set-up. With --checkpoint-dir, Ctrl-C or SIGTERM writes a
+checkpoint at the current step and prints the command that resumes it. Only rank 0 prints
+and writes. Examples:
 
   alexnet2gpu train --data synthetic --steps 20 --width 0.0625 --image-size 64
-  alexnet2gpu train --model simplified --recipe d2l --image-size 112 --epochs 2
+  alexnet2gpu train --model simplified --recipe d2l --image-size 112 --epochs 2 --plot curves.png
   torchrun --nproc-per-node 2 -m alexnet2gpu train --placement ranks --data synthetic --steps 10
 """
 
@@ -14,10 +17,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
+import sys
+from pathlib import Path
 
-from ..errors import Alexnet2gpuError
-from .arguments import add_model_arguments, add_placement_arguments
+from ..errors import Alexnet2gpuError, ConfigError
+from ..models import INITS
+from .arguments import add_model_arguments, add_placement_arguments, check_output_dir, check_output_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +64,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("paper", "d2l"),
         help="paper: SGD momentum 0.9, wd 5e-4, lr 0.01, /10 on plateau, N(0, 0.01) init; "
         "d2l: the seed's plain SGD lr 0.01, Xavier init, 10 epochs (default: %(default)s)",
+    )
+    run.add_argument(
+        "--init",
+        default=None,
+        choices=tuple(INITS),
+        help="initialisation (default: the recipe's; paper: N(0, 0.01); cfg: the released "
+        "layers-145.cfg, std 0.03 in conv3-5; xavier: d2l's)",
+    )
+    run.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile the placed net; the compile time is reported on its own line (default: off)",
     )
     run.add_argument("--steps", type=int, default=None, help="total optimizer steps (default: the epochs')")
     run.add_argument("--epochs", type=int, default=None, help="epochs (default: the recipe's, paper 90, d2l 10)")
@@ -107,6 +127,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="continue from PATH, or without PATH from the newest valid checkpoint in "
         "--checkpoint-dir (a fresh start if there is none yet)",
     )
+    out.add_argument(
+        "--plot",
+        default=None,
+        metavar="PATH",
+        help="a PNG of train loss, train accuracy and test accuracy against epoch, redrawn after each "
+        "evaluation (default: curves.png in --checkpoint-dir, if given)",
+    )
+    out.add_argument(
+        "--log-every",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="when stdout is not a terminal, a progress line every SECONDS (default: %(default)s)",
+    )
     out.add_argument("--quiet", action="store_true", help="no live display, only the summary")
 
 
@@ -126,6 +160,8 @@ def config_from_args(args: argparse.Namespace):
         width=args.width,
         dropout=args.dropout,
         recipe=args.recipe,
+        init=args.init,
+        compile=args.compile,
         lr=args.lr,
         momentum=args.momentum,
         weight_decay=args.weight_decay,
@@ -146,10 +182,42 @@ def config_from_args(args: argparse.Namespace):
     )
 
 
+def check_outputs(args: argparse.Namespace) -> str | None:
+    """Every output path and the numbers the config does not check, before any work;
+    returns the plot path (``curves.png`` beside the checkpoints by default)."""
+    check_output_file(args.metrics, "--metrics")
+    check_output_dir(args.checkpoint_dir, "--checkpoint-dir")
+    plot = args.plot or (str(Path(args.checkpoint_dir) / "curves.png") if args.checkpoint_dir else None)
+    check_output_file(plot, "--plot")
+    if not args.log_every > 0:
+        raise ConfigError(f"--log-every {args.log_every:g} is out of range: give a positive number of seconds")
+    return plot
+
+
+def _display_factory(args: argparse.Namespace):
+    from ..report.training import LogProgress, TrainingDisplay
+
+    if args.quiet:
+        return None
+    if sys.stdout.isatty():
+        return TrainingDisplay
+    return lambda total, header: LogProgress(total, header, every_s=args.log_every)
+
+
+def _curves_writer(plot: str | None, args: argparse.Namespace):
+    if plot is None:
+        return None
+    from ..report.curves import write_curves
+
+    title = f"{args.model}, recipe {args.recipe}, {args.data}"
+    return lambda curve: write_curves(plot, curve, title)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..parallel import TorchrunEnv
-    from ..report.training import TrainingDisplay, render_run_summary
+    from ..report.training import render_run_summary
     from ..train import train
+    from ..train.interrupt import Interrupted
 
     env = TorchrunEnv.from_environ()
     if env.launched:
@@ -157,16 +225,44 @@ def run(args: argparse.Namespace) -> int:
         # normal exit path (destroy_process_group, the display closed) instead of dying.
         signal.signal(signal.SIGTERM, _terminated)
     try:
+        plot = check_outputs(args)
         config = config_from_args(args)
-        factory = None if args.quiet else TrainingDisplay
-        result = train(config, display_factory=factory)
+        result = train(config, display_factory=_display_factory(args), on_evaluated=_curves_writer(plot, args))
+    except Interrupted as stop:
+        if env.is_rank0:
+            print(f"alexnet2gpu train: {stop}", file=sys.stderr)
+            print(f"resume with: {resume_command(stop.checkpoint, env)}", file=sys.stderr)
+        return stop.exit_code
     except Alexnet2gpuError as error:
         if env.is_rank0 or getattr(error, "rank_specific", False):
             raise
         return error.exit_code  # the same error on every rank: rank 0 alone prints it
     if env.is_rank0:
         render_run_summary(result)
+        if plot:
+            print(f"curves: {plot}")
     return 0
+
+
+def resume_command(checkpoint: str, env) -> str:
+    """This command line with ``--resume CHECKPOINT`` in place of any ``--resume``."""
+    argv = sys.argv[1:]
+    argv = argv[argv.index("train") + 1 :] if "train" in argv else argv
+    kept, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg == "--resume":
+            skip = i + 1 < len(argv) and not argv[i + 1].startswith("-")
+            continue
+        if not arg.startswith("--resume="):
+            kept.append(arg)
+    launcher = ["alexnet2gpu"]
+    if env.launched:
+        per_node = os.environ.get("LOCAL_WORLD_SIZE", str(env.world_size))
+        launcher = ["torchrun", "--nproc-per-node", per_node, "-m", "alexnet2gpu"]
+    return shlex.join([*launcher, "train", *kept, "--resume", checkpoint])
 
 
 def _terminated(signum, frame) -> None:

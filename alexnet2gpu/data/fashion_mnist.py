@@ -17,8 +17,11 @@ an empty file, a ``.gz`` that is not gzip or is cut short, a wrong magic number,
 whose shape disagrees with the bytes that follow, image and label counts that disagree,
 labels outside 0-9. Each raises :class:`~alexnet2gpu.errors.DataError` naming the file.
 
-Pixels: scaled to [0, 1] as the seed's ``transforms.ToTensor()`` does; no mean
-subtraction, no standardisation (the seed, d2l 8.1, used none). Each batch is resized
+Pixels, by recipe: scaled to [0, 1] as the seed's ``transforms.ToTensor()`` does, with no
+mean subtraction (the seed, d2l 8.1, used none); or (``mean=``) raw 0-255 values minus
+the training set's mean image, as the released 2012 code fed them
+(:mod:`.mean_image`). The mean is subtracted at 28x28, before the resize: bilinear
+resizing is linear, so that equals subtracting the resized mean. Each batch is resized
 from 28x28 to the model's input size with bilinear interpolation (``F.interpolate``,
 ``align_corners=False``, the geometry of the seed's ``transforms.Resize``), batched, which
 is much faster than resizing image by image. One channel is repeated to three for the
@@ -47,6 +50,7 @@ __all__ = [
     "NUM_CLASSES",
     "ResizeBatch",
     "find_fashion_mnist",
+    "training_mean_image",
     "load_fashion_mnist_split",
     "read_idx",
 ]
@@ -258,7 +262,8 @@ class FashionMNIST(Dataset):
         if split not in FILES:
             raise ConfigError(f"unknown Fashion-MNIST split '{split}': choose train or test")
         self.folder, files = find_fashion_mnist(data_dir)
-        self.images, self.labels = load_fashion_mnist_split(*files[split])
+        self.files = files[split]
+        self.images, self.labels = load_fashion_mnist_split(*self.files)
         if subset is not None:
             if not 1 <= subset <= len(self.labels):
                 raise ConfigError(f"--train-subset {subset} must be between 1 and {len(self.labels)}")
@@ -272,18 +277,28 @@ class FashionMNIST(Dataset):
         return self.images[index], int(self.labels[index])
 
 
+def training_mean_image(dataset: FashionMNIST) -> torch.Tensor:
+    """The mean 28x28 image (0-255) of the images ``dataset`` trains on, cached."""
+    from .mean_image import file_key, mean_image
+
+    key = ["fashion-mnist", *file_key(dataset.files), f"first {len(dataset)}"]
+    return mean_image(key, lambda: dataset.images.double().mean(dim=0).float())
+
+
 class ResizeBatch:
-    """Collate function: stacks ``(uint8 [H, W], label)`` pairs, scales to [0, 1], resizes
-    the whole batch to ``image_size`` (bilinear) and repeats to ``in_channels`` (1 or 3).
+    """Collate function: stacks ``(uint8 [H, W], label)`` pairs, scales to [0, 1] (or, given
+    ``mean``, subtracts that 0-255 mean image from the raw values), resizes the whole batch
+    to ``image_size`` (bilinear) and repeats to ``in_channels`` (1 or 3).
     Returns ``float32 [B, in_channels, image_size, image_size]`` and ``int64 [B]``."""
 
-    def __init__(self, image_size: int, in_channels: int) -> None:
+    def __init__(self, image_size: int, in_channels: int, mean: torch.Tensor | None = None) -> None:
         if in_channels not in (1, 3):
             raise ConfigError(f"Fashion-MNIST is grayscale: the model must take 1 or 3 channels, not {in_channels}")
-        self.image_size, self.in_channels = image_size, in_channels
+        self.image_size, self.in_channels, self.mean = image_size, in_channels, mean
 
     def __call__(self, samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        images = torch.stack([s[0] for s in samples]).unsqueeze(1).float().div_(255.0)
+        images = torch.stack([s[0] for s in samples]).unsqueeze(1).float()
+        images = images.div_(255.0) if self.mean is None else images.sub_(self.mean)
         labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
             images = F.interpolate(

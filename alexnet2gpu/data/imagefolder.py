@@ -14,6 +14,13 @@ centre and their mirror images ([paper] section 4.1), whose softmax outputs
 :func:`ten_crop_predict` averages. For inputs under 224 pixels the 256 is scaled by the
 same ratio (256/224), so that a crop keeps the paper's share of the image.
 
+Pixels, by recipe (``pixels``): ``"unit"`` scales to [0, 1] and subtracts the per-channel
+mean below; ``"mean-image"`` keeps raw 0-255 values and subtracts the training set's mean
+image at the 256x256 stage, before the crop, as the released 2012 code did (``convdata.py``;
+:mod:`.mean_image` computes it once and caches it); the colour noise is then scaled to
+0-255 units. The released code also divided the image by 1.1 after the colour noise; that
+is not done here.
+
 Mean and colour noise use the published ImageNet statistics (in [0, 1] pixel units) of
 fb.resnet.torch, ``datasets/imagenet.lua`` ("computed from random subset of ImageNet
 training images"): the mean (0.485, 0.456, 0.406) and the RGB eigenvalues/eigenvectors
@@ -124,6 +131,32 @@ def load_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
             raise DataError(f"{path} is truncated or damaged: {error}") from None
 
 
+class SubtractImage(torch.nn.Module):
+    """Subtracts a fixed mean image ``[C, H, W]`` from an image of the same shape."""
+
+    def __init__(self, mean: torch.Tensor) -> None:
+        super().__init__()
+        self.mean = mean
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return image.as_subclass(torch.Tensor) - self.mean
+
+
+def _folder_mean_image(folder: datasets.ImageFolder, prepare: Callable, mode: str) -> torch.Tensor:
+    """The mean of ``prepare(image)`` over every training image (0-255), cached."""
+    from .mean_image import file_key, mean_image
+
+    def compute() -> torch.Tensor:
+        total = None
+        for path, _ in folder.samples:
+            image = prepare(load_image(path, mode)).double()
+            total = image if total is None else total + image
+        return total / len(folder.samples)
+
+    paths = [path for path, _ in folder.samples]
+    return mean_image(["image-folder", mode, str(prepare), *file_key(paths)], compute)
+
+
 class Unreadable:
     """Returned by a dataset in place of a sample it could not read; the loader raises it
     in the main process as one clean :class:`DataError` (a worker's exception would come
@@ -188,10 +221,16 @@ class _TenCrops:
 
 
 def build_folder_datasets(
-    root: str | os.PathLike, image_size: int, in_channels: int = 3, seed: int = 0, ten_crop: bool = False
+    root: str | os.PathLike,
+    image_size: int,
+    in_channels: int = 3,
+    seed: int = 0,
+    ten_crop: bool = False,
+    pixels: str = "unit",
 ) -> tuple[FolderDataset, FolderDataset]:
     """The ``train`` and ``val`` splits of ``root``: training items are ``(float [C, S, S],
-    label)``, evaluation items the same, or ``(float [10, C, S, S], label)`` with ``ten_crop``."""
+    label)``, evaluation items the same, or ``(float [10, C, S, S], label)`` with ``ten_crop``.
+    ``pixels``: ``"unit"`` or ``"mean-image"`` (module docstring)."""
     root = Path(root)
     if not root.is_dir():
         raise ConfigError(f"data folder {root} does not exist")
@@ -209,24 +248,28 @@ def build_folder_datasets(
     mode = "RGB" if rgb else "L"
     mean = list(IMAGENET_MEAN) if rgb else [sum(IMAGENET_MEAN) / 3]
     side = resize_side(image_size)
-    to_float = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
-    subtract_mean = v2.Normalize(mean=mean, std=[1.0] * in_channels)
-    train_transform = v2.Compose(
-        [
-            v2.Resize(side),
-            v2.CenterCrop(side),  # [paper] section 2
-            v2.RandomCrop(image_size),
-            v2.RandomHorizontalFlip(),  # [paper] section 4.1
-            *to_float,
-            *([PCALighting()] if rgb else []),  # [paper] section 4.1, colour noise
-            subtract_mean,
-        ]
-    )
-    if ten_crop:
-        crop = [_TenCrops(image_size)]
+    crop = [_TenCrops(image_size)] if ten_crop else [v2.CenterCrop(image_size)]
+    if pixels == "mean-image":
+        prepare = v2.Compose([v2.Resize(side), v2.CenterCrop(side), v2.ToImage(), v2.ToDtype(torch.float32)])
+        subtract = SubtractImage(_folder_mean_image(train, prepare, mode))
+        noise = [PCALighting(eigenvalues=tuple(255.0 * e for e in IMAGENET_EIGENVALUES))] if rgb else []
+        train_transform = v2.Compose([prepare, subtract, v2.RandomCrop(image_size), v2.RandomHorizontalFlip(), *noise])
+        eval_transform = v2.Compose([prepare, subtract, *crop])
     else:
-        crop = [v2.CenterCrop(image_size)]
-    eval_transform = v2.Compose([v2.Resize(side), v2.CenterCrop(side), *to_float, *crop, subtract_mean])
+        to_float = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+        subtract_mean = v2.Normalize(mean=mean, std=[1.0] * in_channels)
+        train_transform = v2.Compose(
+            [
+                v2.Resize(side),
+                v2.CenterCrop(side),  # [paper] section 2
+                v2.RandomCrop(image_size),
+                v2.RandomHorizontalFlip(),  # [paper] section 4.1
+                *to_float,
+                *([PCALighting()] if rgb else []),  # [paper] section 4.1, colour noise
+                subtract_mean,
+            ]
+        )
+        eval_transform = v2.Compose([v2.Resize(side), v2.CenterCrop(side), *to_float, *crop, subtract_mean])
     return (
         FolderDataset(train, train_transform, mode, seed, random=True),
         FolderDataset(val, eval_transform, mode, seed, random=False),

@@ -43,8 +43,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from ..errors import ConfigError, DataError
-from .fashion_mnist import FashionMNIST, ResizeBatch
+from .fashion_mnist import FashionMNIST, ResizeBatch, training_mean_image
 from .imagefolder import Unreadable, build_folder_datasets
+from .mean_image import PIXELS
+
+_PIXEL_WORDS = {"unit": "pixels in [0, 1]", "mean-image": "pixels 0-255 minus the training mean image"}
 
 __all__ = ["EpochLoader", "EvalShard", "Loaders", "ShardSampler", "build_loaders"]
 
@@ -198,12 +201,17 @@ def build_loaders(
     ten_crop: bool = False,
     num_workers: int | None = None,
     device: str | torch.device = "cpu",
+    pixels: str = "unit",
 ) -> Loaders:
     """Train and test loaders for ``data``: ``"fashion-mnist"`` (files from ``data_dir``,
     the Debian package, or a download) or the path of a folder with ``train/`` and ``val/``.
     ``global_batch`` is split over ``dp_size`` replicas; this process is replica
     ``dp_rank``. Batches are ``float32 [B, in_channels, image_size, image_size]`` and
-    ``int64 [B]`` labels (test batches ``[B, 10, C, S, S]`` with ``ten_crop``)."""
+    ``int64 [B]`` labels (test batches ``[B, 10, C, S, S]`` with ``ten_crop``). ``pixels``:
+    ``"unit"`` ([0, 1], the seed's) or ``"mean-image"`` (0-255 minus the training set's mean
+    image, the released 2012 code's; :mod:`.mean_image`)."""
+    if pixels not in PIXELS:
+        raise ConfigError(f"unknown pixel scaling '{pixels}': choose one of {', '.join(PIXELS)}")
     if dp_size < 1 or not 0 <= dp_rank < dp_size:
         raise ConfigError(f"data-parallel rank {dp_rank} is not in 0..{dp_size - 1}")
     if global_batch < 1 or global_batch % dp_size:
@@ -220,24 +228,27 @@ def build_loaders(
             raise ConfigError("--ten-crop needs an image folder (--data PATH); Fashion-MNIST is evaluated whole")
         train_set = FashionMNIST("train", data_dir, subset=train_subset)
         test_set = FashionMNIST("test", data_dir)
-        collate = ResizeBatch(image_size, in_channels)
+        mean = training_mean_image(train_set) if pixels == "mean-image" else None
+        collate = ResizeBatch(image_size, in_channels, mean)
         train_collate = test_collate = collate
         in_memory = True
         classes = FashionMNIST.classes
         description = (
             f"Fashion-MNIST from {train_set.folder}: {len(train_set):,} train, {len(test_set):,} test "
-            f"images, resized 28 -> {image_size}, {in_channels} channel{'s' if in_channels > 1 else ''}"
+            f"images, resized 28 -> {image_size}, {in_channels} channel{'s' if in_channels > 1 else ''}, "
+            f"{_PIXEL_WORDS[pixels]}"
         )
     else:
         if train_subset is not None:
             raise ConfigError("--train-subset applies to Fashion-MNIST only")
-        train_set, test_set = build_folder_datasets(Path(data), image_size, in_channels, seed, ten_crop)
+        train_set, test_set = build_folder_datasets(Path(data), image_size, in_channels, seed, ten_crop, pixels)
         train_collate = test_collate = default_collate
         in_memory = False
         classes = tuple(train_set.classes)
         description = (
             f"image folder {data}: {len(train_set):,} train, {len(test_set):,} val images in "
-            f"{len(classes)} classes, {image_size} px crops{', 10-crop evaluation' if ten_crop else ''}"
+            f"{len(classes)} classes, {image_size} px crops{', 10-crop evaluation' if ten_crop else ''}, "
+            f"{_PIXEL_WORDS[pixels]}"
         )
     workers = _default_workers(in_memory, cuda) if num_workers is None else num_workers
     train = EpochLoader(

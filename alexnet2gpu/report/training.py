@@ -1,16 +1,18 @@
 """What a person sees while training, on rank 0 only: a header, a live line (loss,
-accuracy, images/s, lr, ETA) and the end summary in the seed's format
+accuracy, images/s, lr, ETA) on a terminal or a plain line every N seconds in a log
+(:class:`LogProgress`), and the end summary in the seed's format
 (``loss 0.327, train acc 0.881, test acc 0.885`` / ``4149.6 examples/sec on cuda:0``)."""
 
 from __future__ import annotations
 
 import math
+import time
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import console
 
-__all__ = ["TrainingDisplay", "render_header", "render_run_summary", "summary_lines"]
+__all__ = ["LogProgress", "TrainingDisplay", "render_header", "render_run_summary", "summary_lines"]
 
 
 def _num(value, fmt: str) -> str:
@@ -20,12 +22,17 @@ def _num(value, fmt: str) -> str:
 def render_header(header: dict) -> None:
     c = console()
     resumed = f", resumed from {header['resumed_from']}" if header.get("resumed_from") else ""
-    c.print(f"[bold]train[/bold] {header['model']} on {header['placement']}: {header['device']}{resumed}")
-    c.print(f"  data: {header['data']}")
+    c.print(
+        f"[bold]train[/bold] {header['model']} on {header['placement']}: {header['device']}{resumed}", soft_wrap=True
+    )
+    c.print(f"  data: {header['data']}", soft_wrap=True)
     c.print(
         f"  recipe {header['recipe']}: global batch {header['batch_size']}, {header['steps']} steps, "
-        f"lr {header['lr']:g}, input {header['in_channels']}x{header['image_size']}x{header['image_size']}"
+        f"lr {header['lr']:g}, input {header['in_channels']}x{header['image_size']}x{header['image_size']}",
+        soft_wrap=True,
     )
+    for note in header.get("departures", ()):
+        c.print(f"  [yellow]{note}[/yellow]", soft_wrap=True)
 
 
 class TrainingDisplay:
@@ -76,6 +83,56 @@ class TrainingDisplay:
         self.progress.stop()
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m{rest % 60:02d}s" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class LogProgress:
+    """The live line's numbers as a plain line every ``every_s`` seconds, for a log file or
+    CI (a live line there shows nothing until the end): step, loss, accuracy, images/s,
+    ETA. Same interface as :class:`TrainingDisplay`."""
+
+    def __init__(self, total_steps: int, header: dict, every_s: float = 30.0) -> None:
+        render_header(header)
+        self.total, self.every_s = total_steps, every_s
+        self.test = None
+        self.last = None
+
+    def start(self, step: int) -> None:
+        self.first_step, self.started = step, time.monotonic()
+        self.printed = self.started
+
+    def update(self, record) -> None:
+        self.last = record
+        now = time.monotonic()
+        if now - self.printed >= self.every_s or record.step == self.total:
+            self.printed = now
+            self._print(record, now)
+
+    def _print(self, record, now: float) -> None:
+        done = record.step - self.first_step
+        rate = (now - self.started) / done if done else 0.0
+        eta = _duration(rate * (self.total - record.step)) if done else "-"
+        test = f"  test {_num(self.test, '.3f')}" if self.test is not None else ""
+        console().print(
+            f"step {record.step}/{self.total}  loss {_num(record.loss, '.3f')}  acc {_num(record.accuracy, '.3f')}"
+            f"{test}  {_num(record.images_per_s, '.1f')} img/s  lr {_num(record.lr, '.2g')}  ETA {eta}",
+            soft_wrap=True,
+        )
+
+    def evaluated(self, step: int, test_accuracy: float) -> None:
+        self.test = test_accuracy
+        console().print(f"step {step}/{self.total}  test acc {_num(test_accuracy, '.3f')}", soft_wrap=True)
+
+    def note(self, message: str) -> None:
+        console().print(message, soft_wrap=True)
+
+    def stop(self) -> None:
+        pass
+
+
 def summary_lines(result) -> list[str]:
     """The seed's two summary lines (d2l's ``train_ch6``), then what else happened."""
     lines = [
@@ -83,6 +140,8 @@ def summary_lines(result) -> list[str]:
         f"test acc {_num(result.test_accuracy, '.3f')}",
         f"{result.images_per_s:.1f} examples/sec on {result.device}",
     ]
+    if result.compile_seconds is not None:
+        lines.append(f"torch.compile: the first step took {result.compile_seconds:.1f} s (not in examples/sec)")
     if result.skipped_steps:
         lines.append(f"{result.skipped_steps} step(s) skipped for non-finite values")
     if result.checkpoint:

@@ -15,7 +15,7 @@ from ..data.synthetic import SyntheticLoader
 from ..errors import ConfigError
 from ..models import DEFAULTS, build_model, initialise_, is_two_tower
 from ..parallel import Layout, TorchrunEnv, init_distributed, resolve_layout
-from .config import PLATEAU_PATIENCE, SYNTHETIC_EPOCH_STEPS, SYNTHETIC_EVAL_BATCHES, TrainConfig
+from .config import PLATEAU_PATIENCE, SYNTHETIC_EPOCH_STEPS, SYNTHETIC_EVAL_BATCHES, Recipe, TrainConfig
 
 __all__ = ["RunData", "build_data", "build_net", "build_optimizer", "build_scheduler", "resolve_run_layout"]
 
@@ -101,12 +101,14 @@ def build_data(config: TrainConfig, layout: Layout) -> RunData:
         ten_crop=config.ten_crop,
         num_workers=config.workers,
         device=layout.device,
+        pixels=config.hyper.pixels,
     )
     return RunData(loaders.train, loaders.test, loaders.num_classes, loaders.description, loaders.ten_crop)
 
 
 def build_net(config: TrainConfig, num_classes: int) -> nn.Module:
-    """The net from the run seed, initialised by the recipe (paper: [paper] 5; d2l: Xavier)."""
+    """The net from the run seed, initialised by the recipe (paper: [paper] 5; d2l: Xavier)
+    or by ``--init``."""
     in_channels, image_size = input_shape(config)
     torch.manual_seed(config.seed)
     model = build_model(
@@ -121,13 +123,30 @@ def build_net(config: TrainConfig, num_classes: int) -> nn.Module:
     return model
 
 
-def build_optimizer(config: TrainConfig, placed: nn.Module) -> torch.optim.Optimizer:
-    hyper = config.hyper
-    return torch.optim.SGD(placed.parameters(), lr=hyper.lr, momentum=hyper.momentum, weight_decay=hyper.weight_decay)
+def build_optimizer(hyper: Recipe, placed: nn.Module) -> torch.optim.Optimizer:
+    """SGD with two parameter groups, the weights and then the biases, which get the
+    recipe's own learning rate and weight decay multiples ([cfg] epsB/wcB, [caffe]
+    lr_mult/decay_mult; d2l: the same as the weights')."""
+    named = list(placed.named_parameters())
+    weights = [p for n, p in named if not n.endswith("bias")]
+    biases = [p for n, p in named if n.endswith("bias")]
+    return torch.optim.SGD(
+        [
+            {"params": weights},
+            {"params": biases, "lr": hyper.lr * hyper.bias_lr, "weight_decay": hyper.weight_decay * hyper.bias_decay},
+        ],
+        lr=hyper.lr,
+        momentum=hyper.momentum,
+        weight_decay=hyper.weight_decay,
+    )
 
 
-def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
-    """[paper] 5: lr /10 when the validation error stops improving; None for d2l."""
-    if not config.hyper.plateau:
+def build_scheduler(hyper: Recipe, optimizer: torch.optim.Optimizer):
+    """[paper] 5: lr /10 when the validation error stops improving, at most ``max_drops``
+    times (a floor just under lr / 10**max_drops stops a fourth); None for d2l."""
+    if not hyper.plateau:
         return None
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.1, patience=PLATEAU_PATIENCE)
+    floor = [g["lr"] * 0.1**hyper.max_drops * (1 - 1e-6) for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=0.1, patience=PLATEAU_PATIENCE, min_lr=floor
+    )

@@ -23,7 +23,7 @@ from ..errors import Alexnet2gpuError, ConfigError
 from ..parallel import Layout
 from ..parallel.distributed import RankLiveness
 
-__all__ = ["Fault", "collective_failure", "grad_flags", "nonfinite_message", "weights_finite"]
+__all__ = ["Fault", "collective_failure", "diverging_message", "grad_flags", "nonfinite_message", "weights_finite"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,14 @@ def nonfinite_message(step: int, bad_loss: float, bad_a: float, bad_b: float) ->
     if towers:
         what.append("gradients in tower " + " and tower ".join(towers))
     return f"non-finite {' and '.join(what)} at step {step}"
+
+
+def diverging_message(step: int, start: float, loss: float, steps: int, lr: float) -> str:
+    return (
+        f"the run is diverging: the training loss has stayed above twice its start ({start:.3g}) for {steps} "
+        f"steps, {loss:.3g} at step {step}; the likely cause is a learning rate too high for this net and "
+        f"data: try --lr {lr / 3:.2g}"
+    )
 
 
 def collective_failure(

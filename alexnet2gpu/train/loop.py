@@ -27,6 +27,7 @@ one) names the ranks that stopped; ``close_distributed`` runs on every exit path
 from __future__ import annotations
 
 import math
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,31 +38,40 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import ten_crop_predict
-from ..errors import Alexnet2gpuError
+from ..errors import Alexnet2gpuError, ConfigError
 from ..io.checkpoints import save_in_directory
 from ..models import seed_dropout
 from ..parallel import Layout, close_distributed, forward_loss, place
 from ..parallel.distributed import RankLiveness
 from .build import RunData, build_data, build_net, build_optimizer, build_scheduler, input_shape, resolve_run_layout
 from .checkpointing import check_resume_config, checkpoint_state, load_everywhere, restore_checkpoint, resume_source
-from .config import EvalRecord, StepRecord, TrainConfig, TrainResult
-from .faults import Fault, collective_failure, grad_flags, nonfinite_message, weights_finite
+from .config import DIVERGENCE_FACTOR, DIVERGENCE_STEPS, EvalRecord, StepRecord, TrainConfig, TrainResult
+from .faults import Fault, collective_failure, diverging_message, grad_flags, nonfinite_message, weights_finite
+from .interrupt import Interrupted, StopSignals
 from .metrics import MetricsLog, RunningMeans
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
 
 
-def train(config: TrainConfig, display_factory: Callable[..., Any] | None = None) -> TrainResult:
+def train(
+    config: TrainConfig,
+    display_factory: Callable[..., Any] | None = None,
+    on_evaluated: Callable[[list[dict]], None] | None = None,
+) -> TrainResult:
     """Runs ``config`` on this process and returns what happened (on every rank; only
     rank 0's ``display`` prints). ``display_factory(total_steps, header)`` makes the live
-    display on rank 0 (``report.training.TrainingDisplay``); None shows nothing."""
+    display on rank 0 (``report.training.TrainingDisplay``); None shows nothing.
+    ``on_evaluated(curve)`` is called on rank 0 after each evaluation with the points so
+    far, ``{"epoch", "train_loss", "train_accuracy", "test_accuracy"}`` (e.g. to redraw
+    the curves). With ``checkpoint_dir``, SIGINT and SIGTERM end the run with a checkpoint
+    at the current step and :class:`~.interrupt.Interrupted`."""
     if config.threads:
         torch.set_num_threads(config.threads)
     layout = resolve_run_layout(config)
     if not layout.distributed:
-        return _train(config, layout, display_factory)
+        return _train(config, layout, display_factory, on_evaluated)
     try:
-        result = _train(config, layout, display_factory)
+        result = _train(config, layout, display_factory, on_evaluated)
     except BaseException:
         close_distributed()
         raise
@@ -82,6 +92,13 @@ class _Run:
     total_steps: int
     metrics: MetricsLog
     display: Any = None
+    on_evaluated: Callable[[list[dict]], None] | None = None
+    signals: StopSignals | None = None
+    stop_signal: int = 0  # the signal every rank agreed to stop on (0: none)
+    loss_start: float | None = None  # the first step's loss, for the divergence check
+    above_start: int = 0  # steps in a row with the loss above DIVERGENCE_FACTOR x loss_start
+    curve: list[dict] = field(default_factory=list)
+    compile_seconds: float | None = None
     liveness: RankLiveness | None = None
     fault: Fault | None = None
     step: int = 0
@@ -109,12 +126,17 @@ class _Run:
         return t.tolist()
 
 
-def _train(config: TrainConfig, layout: Layout, display_factory) -> TrainResult:
+def _train(config: TrainConfig, layout: Layout, display_factory, on_evaluated) -> TrainResult:
     run = _prepare(config, layout, display_factory)
+    run.on_evaluated = on_evaluated if layout.is_rank0 else None
     try:
         if run.display:
             run.display.start(run.step)
-        _run_epochs(run)
+        if config.checkpoint_dir:
+            with StopSignals() as run.signals:
+                _run_epochs(run)
+        else:
+            _run_epochs(run)
     except BaseException:
         run.metrics.close()
         raise
@@ -132,6 +154,7 @@ def _train(config: TrainConfig, layout: Layout, display_factory) -> TrainResult:
         test_accuracy=run.test_accuracy,
         images_per_s=run.images / run.train_seconds if run.train_seconds else 0.0,
         train_seconds=run.train_seconds,
+        compile_seconds=run.compile_seconds,
         skipped_steps=run.skipped,
         resumed_from=run.resumed_from,
         checkpoint=run.saved_path,
@@ -144,12 +167,20 @@ def _train(config: TrainConfig, layout: Layout, display_factory) -> TrainResult:
 
 def _prepare(config: TrainConfig, layout: Layout, display_factory) -> _Run:
     """Data first (it fixes the class count), then the net, placed where the layout says."""
+    if config.compile and layout.distributed:
+        raise ConfigError(
+            "--compile compiles a net that runs in one process; under ranks each step runs through "
+            "collectives: run ranks without --compile, or --compile with --placement grouped, towers or split"
+        )
     data = build_data(config, layout)
     placed = place(build_net(config, data.num_classes), layout)
     seed_dropout(placed, config.seed, replica=layout.replica)
-    optimizer = build_optimizer(config, placed)
-    scheduler = build_scheduler(config, optimizer)
-    total_steps = config.steps or config.hyper.epochs * data.train.batches_per_epoch
+    hyper, departures = config.for_classes(data.num_classes)
+    optimizer = build_optimizer(hyper, placed)
+    scheduler = build_scheduler(hyper, optimizer)
+    if config.compile:
+        placed.compile()  # in place: parameter names, and so checkpoints, stay the same
+    total_steps = config.steps or hyper.epochs * data.train.batches_per_epoch
     metrics = MetricsLog(config.metrics if layout.is_rank0 else None)
     run = _Run(config, layout, data, placed, optimizer, scheduler, total_steps, metrics)
     source = resume_source(config)
@@ -157,11 +188,13 @@ def _prepare(config: TrainConfig, layout: Layout, display_factory) -> _Run:
         state = load_everywhere(layout, source)
         check_resume_config(state, config, source)
         run.step = restore_checkpoint(state, layout, placed, optimizer, scheduler, data.train)
+        run.loss_start = state.get("run", {}).get("loss_start")
+        run.curve = list(state.get("run", {}).get("curve", []))
         run.resumed_from = str(source)
         metrics.write({"event": "resume", "step": run.step, "checkpoint": run.resumed_from})
     run.epoch = data.train.state_dict()["epoch"]
     if display_factory and layout.is_rank0:
-        run.display = display_factory(total_steps, _header(run))
+        run.display = display_factory(total_steps, {**_header(run), "departures": departures})
     run.liveness = RankLiveness(layout.world_size) if layout.distributed else None
     run.fault = Fault.from_environ()
     return run
@@ -192,10 +225,13 @@ def _run_epochs(run: _Run) -> None:
         run.placed.train()
         for x, y in run.data.train:
             _train_step(run, x, y)
-            # A checkpoint at an epoch's last batch waits for that epoch's evaluation
-            # (below), so that a resumed run has seen the same scheduler steps.
-            if _checkpoint_due(run) and run.data.train.state_dict()["epoch"] == run.epoch:
+            # A checkpoint at an epoch's last batch (and a stop there) waits for that
+            # epoch's evaluation (below), so that a resumed run has seen the same
+            # scheduler steps.
+            mid_epoch = run.data.train.state_dict()["epoch"] == run.epoch
+            if (_checkpoint_due(run) or run.stop_signal) and mid_epoch:
                 _save(run)
+                _stop_if_signalled(run)
             if run.step >= run.total_steps:
                 break  # before the loader fetches a batch that this run will not train on
         epoch_complete = run.data.train.state_dict()["epoch"] > run.epoch
@@ -204,11 +240,17 @@ def _run_epochs(run: _Run) -> None:
         if epoch_complete:
             run.means.end_epoch()
             run.epoch += 1
-            if _checkpoint_due(run):
+            if _checkpoint_due(run) or run.stop_signal:
                 _save(run)
+                _stop_if_signalled(run)
         elif run.step < run.total_steps:
             raise Alexnet2gpuError(f"the training data ran out at step {run.step} of epoch {run.epoch}")
     _save(run)
+
+
+def _stop_if_signalled(run: _Run) -> None:
+    if run.stop_signal:
+        raise Interrupted(run.stop_signal, run.step, run.saved_path)
 
 
 def _checkpoint_due(run: _Run) -> bool:
@@ -226,18 +268,22 @@ def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor) -> None:
     if run.fault:
         run.fault.before_forward(layout, step)
     try:
-        loss_sum, correct, seen, bad_loss, bad_a, bad_b = _forward_backward(run, x, y, step)
+        loss_sum, correct, seen, bad_loss, bad_a, bad_b, sigint, sigterm = _forward_backward(run, x, y, step)
     except RuntimeError as error:
         raise collective_failure(layout, run.liveness, step, run.config.timeout, error) from None
     nonfinite = bool(bad_loss or bad_a or bad_b)
     if nonfinite:
-        _on_nonfinite(run, nonfinite_message(step, bad_loss, bad_a, bad_b))
+        _on_nonfinite(run, nonfinite_message(step, bad_loss, bad_a, bad_b), run.optimizer.param_groups[0]["lr"])
     else:
         run.optimizer.step()
     run.step = step
+    run.stop_signal = signal.SIGINT if sigint else signal.SIGTERM if sigterm else 0
     dt = time.perf_counter() - t0
-    run.train_seconds += dt
-    run.images += seen
+    if run.config.compile and run.compile_seconds is None:
+        run.compile_seconds = dt  # the first step compiles: kept out of images/s
+    else:
+        run.train_seconds += dt
+        run.images += seen
     record = StepRecord(
         step=step,
         epoch=run.epoch,
@@ -252,6 +298,19 @@ def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor) -> None:
     run.metrics.write(record.to_json())
     if run.display:
         run.display.update(record)
+    if not nonfinite:
+        _check_divergence(run, record)
+
+
+def _check_divergence(run: _Run, record: StepRecord) -> None:
+    """Stops a run whose loss stays far above its start (every rank sees the same loss)."""
+    if run.loss_start is None:
+        run.loss_start = record.loss
+    run.above_start = run.above_start + 1 if record.loss > DIVERGENCE_FACTOR * run.loss_start else 0
+    if run.above_start >= DIVERGENCE_STEPS:
+        message = diverging_message(record.step, run.loss_start, record.loss, DIVERGENCE_STEPS, record.lr)
+        run.metrics.write({"event": "diverged", "step": record.step, "message": message})
+        raise Alexnet2gpuError(message)
 
 
 def _forward_backward(run: _Run, x: torch.Tensor, y: torch.Tensor, step: int) -> list[float]:
@@ -275,16 +334,19 @@ def _forward_backward(run: _Run, x: torch.Tensor, y: torch.Tensor, step: int) ->
     bad_loss = 0.0 if math.isfinite(local_loss) else 1.0
     bad_a, bad_b = grad_flags(run.placed)
     seen = float(len(y)) if run.holds_loss else 0.0
-    return run.all_sum([0.0 if bad_loss else local_loss, correct, seen, bad_loss, bad_a, bad_b])
+    signum = run.signals.signum if run.signals else 0
+    flags = [float(signum == signal.SIGINT), float(signum == signal.SIGTERM)]
+    return run.all_sum([0.0 if bad_loss else local_loss, correct, seen, bad_loss, bad_a, bad_b, *flags])
 
 
-def _on_nonfinite(run: _Run, message: str) -> None:
+def _on_nonfinite(run: _Run, message: str, lr: float) -> None:
     """Stops the run, or (``--on-nonfinite skip``) drops this step's gradients."""
     policy = run.config.on_nonfinite
     run.metrics.write({"event": "nonfinite", "step": run.step + 1, "action": policy, "message": message})
     if policy == "stop":
         raise Alexnet2gpuError(
-            f"{message}: stopped (--on-nonfinite skip skips such steps); no checkpoint was written for it"
+            f"{message}: stopped, no checkpoint written for it; the likely cause is a learning rate too high "
+            f"for this net and data: try --lr {lr / 3:.2g} (or --on-nonfinite skip to skip such steps)"
         )
     run.optimizer.zero_grad(set_to_none=True)
     run.skipped += 1
@@ -303,6 +365,7 @@ def _save(run: _Run) -> None:
             f"(the previous one in {directory} is kept)"
         )
     state = checkpoint_state(run.layout, run.placed, run.optimizer, run.scheduler, run.data.train, run.step, run.config)
+    state["run"] = {"loss_start": run.loss_start, "curve": run.curve}  # the divergence check's start, the plot
     if run.layout.is_rank0:
         run.saved_path = str(save_in_directory(directory, run.step, state, keep=run.config.keep))
         run.metrics.write({"event": "checkpoint", "step": run.step, "path": run.saved_path})
@@ -315,6 +378,11 @@ def _evaluate(run: _Run, epoch_complete: bool) -> None:
     run.metrics.write(EvalRecord(step=run.step, epoch=run.epoch, test_accuracy=accuracy, test_images=images).to_json())
     if run.display:
         run.display.evaluated(run.step, accuracy)
+    loss, train_accuracy = run.means.summary()
+    epochs = run.step / run.data.train.batches_per_epoch
+    run.curve.append({"epoch": epochs, "train_loss": loss, "train_accuracy": train_accuracy, "test_accuracy": accuracy})
+    if run.on_evaluated:
+        run.on_evaluated(list(run.curve))
     if run.scheduler is not None and epoch_complete:
         # [paper] 5: on the validation error, once per epoch (not after a run's last,
         # partial epoch, so that a run resumed past it steps the same way)

@@ -1,0 +1,264 @@
+"""Issue-10 behaviour of `alexnet2gpu train`: recipes faithful to their sources, divergence
+caught early, the training curves, Ctrl-C/SIGTERM with a checkpoint and an exact resume,
+progress lines in a log, and bad values refused before any work. Tiny nets; the real-data
+tests use the small IDX files of tests/test_train.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from alexnet2gpu.cli import main
+from alexnet2gpu.data import build_loaders
+from alexnet2gpu.io.checkpoints import load_checkpoint
+from alexnet2gpu.train import RECIPES, TrainConfig, train
+from alexnet2gpu.train.build import build_optimizer, build_scheduler
+from alexnet2gpu.train.config import DIVERGENCE_STEPS, StepRecord
+
+from .test_train import TINY, _small_fashion_mnist
+from .tiny import TINY_ARGS, tiny
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_and_private_cache(tmp_path, monkeypatch):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def test_paper_recipe_gives_biases_twice_the_lr_and_no_decay():
+    from alexnet2gpu import build_model
+
+    model = build_model("dual", **tiny("dual"), num_classes=10)
+    optimizer = build_optimizer(RECIPES["paper"], model)
+    weights, biases = optimizer.param_groups
+    assert (weights["lr"], weights["weight_decay"], weights["momentum"]) == (0.01, 5e-4, 0.9)
+    assert (biases["lr"], biases["weight_decay"]) == (0.02, 0.0)
+    assert all(n.endswith("bias") == any(p is q for q in biases["params"]) for n, p in model.named_parameters())
+    d2l = build_optimizer(RECIPES["d2l"], model).param_groups
+    assert [(g["lr"], g["weight_decay"], g["momentum"]) for g in d2l] == [(0.01, 0.0, 0.0)] * 2
+
+
+def test_plateau_divides_by_ten_at_most_three_times():
+    model = torch.nn.Linear(2, 2)
+    optimizer = build_optimizer(RECIPES["paper"], model)
+    scheduler = build_scheduler(RECIPES["paper"], optimizer)
+    lrs = []
+    for _ in range(90):  # a validation error that never improves
+        scheduler.step(0.5)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    drops = [i for i in range(1, 90) if lrs[i] < lrs[i - 1]]
+    assert len(drops) == 3 and drops[0] >= 5  # patience of several epochs, not one
+    torch.testing.assert_close(lrs[-1], 1e-5)
+    torch.testing.assert_close(optimizer.param_groups[1]["lr"], 2e-5)
+
+
+def test_paper_pixels_are_0_255_minus_the_cached_training_mean_image(tmp_path, monkeypatch):
+    data_dir = _small_fashion_mnist(tmp_path / "fm")
+    kw = dict(image_size=28, in_channels=1, global_batch=48, data_dir=data_dir, num_workers=0)
+    paper = build_loaders("fashion-mnist", pixels="mean-image", **kw)
+    x, _ = next(iter(paper.train))
+    assert x.abs().max() > 100  # 0-255 units
+    torch.testing.assert_close(x.mean(dim=0), torch.zeros_like(x[0]), atol=1e-3, rtol=0)  # the whole set
+    cached = list((tmp_path / "cache" / "alexnet2gpu" / "mean-images").glob("*.pt"))
+    assert len(cached) == 1
+    monkeypatch.setattr(torch.Tensor, "mean", lambda *a, **k: pytest.fail("recomputed"))
+    build_loaders("fashion-mnist", pixels="mean-image", **kw)  # from the cache
+    monkeypatch.undo()
+    seed, _ = next(iter(build_loaders("fashion-mnist", pixels="unit", **kw).train))
+    assert 0 <= seed.min() and seed.max() <= 1  # d2l: [0, 1], as the seed's ToTensor
+
+
+def test_departure_for_ten_classes_is_printed_and_lr_flag_overrides(tmp_path, capsys):
+    config = TrainConfig(**dict(TINY, data="fashion-mnist", num_classes=None))
+    hyper, notes = config.for_classes(10)
+    assert hyper.lr == 0.003 and "lr 0.003, not 0.01, for 10 classes" in notes[0]
+    assert TrainConfig(**dict(TINY, data="fashion-mnist", num_classes=None), lr=0.01).for_classes(10)[1] == []
+    assert TrainConfig(**TINY, recipe="d2l").for_classes(10) == (TrainConfig(**TINY, recipe="d2l").hyper, [])
+    data_dir = _small_fashion_mnist(tmp_path / "fm")
+    code = main(
+        ["train", *TINY_ARGS, "--data-dir", data_dir, "--train-subset", "16", "--batch-size", "16", "--steps", "1"]
+    )
+    assert code == 0 and "departure from the paper recipe: lr 0.003" in capsys.readouterr().out
+
+
+def test_init_cfg_uses_the_released_stds(tmp_path):
+    result = train(TrainConfig(**TINY, init="cfg", steps=1, checkpoint_dir=str(tmp_path)))
+    assert result.steps == 1
+    with pytest.raises(Exception, match="unknown --init 'he'"):
+        TrainConfig(**TINY, init="he")
+
+
+# --------------------------------------------------------------------------- divergence
+
+
+def test_a_loss_far_above_its_start_for_many_steps_stops_naming_the_flag(monkeypatch):
+    from alexnet2gpu.errors import Alexnet2gpuError
+    from alexnet2gpu.train import loop
+
+    class Run:
+        loss_start, above_start = None, 0
+        metrics = type("M", (), {"write": lambda self, r: None})()
+
+    run = Run()
+    losses = [2.3, 2.0, *[9.0] * (DIVERGENCE_STEPS - 1)]
+    for step, loss in enumerate(losses, 1):
+        loop._check_divergence(run, StepRecord(step, 0, loss, 0.1, 0.003, 1.0))
+    with pytest.raises(Alexnet2gpuError, match=r"diverging.*at step 22.*try --lr 0.001"):
+        loop._check_divergence(run, StepRecord(22, 0, 9.0, 0.1, 0.003, 1.0))
+
+
+def test_a_nonfinite_run_names_the_likely_cause_and_the_flag():
+    with pytest.raises(Exception, match=r"(non-finite|diverging).*try --lr"):
+        train(TrainConfig(**dict(TINY, batch_size=8), lr=1e6, momentum=0.9, steps=40))
+
+
+# --------------------------------------------------------------------------- curves and metrics
+
+
+def test_plot_is_written_after_each_evaluation_and_metrics_keep_eval_records(tmp_path, capsys):
+    data_dir = _small_fashion_mnist(tmp_path / "fm")
+    argv = ["train", *TINY_ARGS, "--data-dir", data_dir, "--batch-size", "16", "--epochs", "2", "--quiet"]
+    plot, metrics = tmp_path / "out" / "curves.png", tmp_path / "m.jsonl"
+    assert main([*argv, "--plot", str(plot), "--metrics", str(metrics), "--workers", "0"]) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    evals = [json.loads(line) for line in open(metrics) if '"eval"' in line]
+    assert [(e["event"], e["step"], e["epoch"]) for e in evals] == [("eval", 3, 0), ("eval", 6, 1)]
+    assert all(0 <= e["test_accuracy"] <= 1 for e in evals)
+    # with --checkpoint-dir and no --plot, the curves go beside the checkpoints
+    assert main([*argv, "--checkpoint-dir", str(tmp_path / "ck"), "--workers", "0"]) == 0
+    assert (tmp_path / "ck" / "curves.png").is_file()
+    checkpoint = load_checkpoint(tmp_path / "ck" / "step-00000006.pt")
+    assert [round(p["epoch"]) for p in checkpoint["run"]["curve"]] == [1, 2]
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--metrics", "{dir}"], "--metrics {dir} is a folder"),
+        (["--checkpoint-dir", "{file}"], "--checkpoint-dir {file} is a file"),
+        (["--plot", "{dir}"], "--plot {dir} is a folder"),
+        (["--data", "{file}"], "--data {file} is a file"),
+        (["--lr", "-1"], "--lr -1 is out of range"),
+        (["--momentum", "1.5"], "--momentum 1.5 is out of range"),
+        (["--weight-decay", "-0.1"], "--weight-decay -0.1 is out of range"),
+        (["--dropout", "1"], "--dropout 1 is out of range"),
+        (["--log-every", "0"], "--log-every 0 is out of range"),
+    ],
+)
+def test_bad_values_are_refused_in_one_line_before_any_work(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    (tmp_path / "f.txt").write_text("x")
+    fill = {"dir": str(tmp_path), "file": str(tmp_path / "f.txt")}
+    argv = [a.format(**fill) for a in argv]
+    code = main(["train", *TINY_ARGS, "--data", "synthetic", "--steps", "1", "--quiet", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message.format(**fill) in err and len(err.strip().splitlines()) == 1, err
+
+
+# --------------------------------------------------------------------------- subprocesses
+
+
+def _cli(args: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("WORLD_SIZE", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "alexnet2gpu", "train", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def test_progress_lines_when_stdout_is_not_a_terminal():
+    process = _cli(
+        [
+            *TINY_ARGS,
+            "--data",
+            "synthetic",
+            "--num-classes",
+            "10",
+            "--batch-size",
+            "4",
+            "--steps",
+            "30",
+            "--log-every",
+            "0.01",
+        ]
+    )
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    lines = [line for line in out.splitlines() if line.startswith("step ") and "img/s" in line]
+    assert len(lines) >= 3 and "step 30/30" in lines[-1]
+    assert all("loss" in line and "acc" in line and "ETA" in line for line in lines)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_checkpoints_the_current_step_and_the_printed_command_resumes_bit_for_bit(tmp_path, signum, code):
+    common = [
+        *TINY_ARGS,
+        "--data",
+        "synthetic",
+        "--num-classes",
+        "10",
+        "--batch-size",
+        "4",
+        "--steps",
+        "400",
+        "--quiet",
+    ]
+    unbroken = _cli([*common, "--checkpoint-dir", str(tmp_path / "u")])
+    stopped = _cli([*common, "--checkpoint-dir", str(tmp_path / "s"), "--metrics", str(tmp_path / "s.jsonl")])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if (tmp_path / "s.jsonl").exists() and (tmp_path / "s.jsonl").read_text().count('"step"') >= 5:
+            break
+        time.sleep(0.05)
+    stopped.send_signal(signum)
+    _, err = stopped.communicate(timeout=120)
+    assert stopped.returncode == code, err
+    written = sorted((tmp_path / "s").glob("step-*.pt"))
+    assert len(written) == 1 and 0 < int(written[0].stem[5:]) < 400
+    resume = next(line for line in err.splitlines() if line.startswith("resume with: "))
+    assert resume.endswith(f"--resume {written[0]}") and "alexnet2gpu train" in resume
+    argv = resume.removeprefix("resume with: ").split()[2:]
+    again = _cli(argv)
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    assert unbroken.wait(timeout=300) == 0
+    a = load_checkpoint(tmp_path / "u" / "step-00000400.pt")["model"]
+    b = load_checkpoint(tmp_path / "s" / "step-00000400.pt")["model"]
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+@pytest.mark.integration  # about two minutes of compiling on a 2-core CPU
+def test_compile_reports_its_time_apart(tmp_path):
+    pytest.importorskip("torch._inductor")
+    result = train(TrainConfig(**TINY, steps=3, compile=True))
+    assert result.compile_seconds is not None and result.compile_seconds > 0
+    assert result.images_per_s > 0
