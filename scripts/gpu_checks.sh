@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check (issue 4, "For a GPU"): one call, under 8 minutes on one H200.
+# The prepared GPU check: one call, about 8 minutes on one H200 (each step has its own limit).
 #
 #   bash scripts/gpu_checks.sh OUTDIR
 #
@@ -12,6 +12,10 @@
 #   5. memory-grouped.*   one measured memory report, with a memory_viz snapshot
 #   6. overhead-cuda.json bench against a plain PyTorch loop on the GPU
 #   7. split-*.json       split on cuda:0,cuda:1, only where there are two GPUs
+#   8. lrn.json           the new LRN (closed-form backward) against nn.LocalResponseNorm on
+#                         CUDA: agreement in float32/float64, forward+backward speed, memory kept
+#   9. compare-compile/   dual/towers and torchvision, eager and under torch.compile, at
+#                         batch 128: the compiled gain and the compile times
 # and summary.txt: each step's exit status and seconds. Exit status: the number of steps
 # that failed (0 when all passed). Paste the measured tables into docs/results.md.
 set -uo pipefail
@@ -42,22 +46,23 @@ step() {  # step NAME LIMIT_S LOG COMMAND...
     tail -n 3 "$OUT/$log"
 }
 
-step env 60 env.txt bash -c "nvidia-smi; $PY -c 'import torch, sys; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"devices\", torch.cuda.device_count(), [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])'"
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    echo "no CUDA device visible to $PY (torch installed?): nothing to check" | tee -a "$OUT/summary.txt"
-    exit 1
+    echo "gpu_checks.sh: no CUDA device visible to $PY (torch installed? a CPU-only build?): nothing checked" \
+        | tee -a "$OUT/summary.txt" >&2
+    exit 2
 fi
+step env 60 env.txt bash -c "nvidia-smi; $PY -c 'import torch, sys; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"devices\", torch.cuda.device_count(), [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])'"
 GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 
 # Every placement against the float64 reference, on the GPU (split: on two GPUs where there are two).
 step verify 60 verify.txt "${A2G[@]}" verify --json "$OUT/verify.json"
 
-step pytest-cuda 150 pytest-cuda.txt "$PY" -m pytest tests -q -rs -k "cuda" -p no:cacheprovider
+step pytest-cuda 120 pytest-cuda.txt "$PY" -m pytest tests -q -rs -k "cuda" -p no:cacheprovider
 
 # The whole comparison, at batches that make a GPU work (the CPU defaults are 16,32,64).
 # dual/split runs measured with two GPUs; with one, its memory is estimated on the CPU.
 # dual/ranks needs one GPU per tower and is skipped, with a note, on a one-GPU machine.
-step compare 240 compare.txt "${A2G[@]}" compare --out "$OUT/compare" --threads 0 \
+step compare 180 compare.txt "${A2G[@]}" compare --out "$OUT/compare" --threads 0 \
     --batch-sizes 64,128,256 --memory-batch-size 128 --repeats 5 --steps 5 --warmup 3
 
 for spec in "dual towers" "dual grouped" "simplified towers" "half towers"; do
@@ -73,6 +78,15 @@ step overhead-cuda 60 overhead-cuda.txt "${A2G[@]}" bench --model simplified --p
     --batch-sizes 128 --mode train --repeats 5 --steps 10 --warmup 5 --against-plain-loop \
     --json "$OUT/overhead-cuda.json"
 
+# The new LRN against nn.LocalResponseNorm (and torch.compile of it) on the GPU.
+step lrn 60 lrn.txt "$PY" scripts/lrn_check.py "$OUT/lrn.json"
+
+# The compiled variants beside their eager twins: one batch size, so that compiling (each
+# mode of each variant compiles once, timed apart) fits the budget.
+step compare-compile 240 compare-compile.txt "${A2G[@]}" compare --out "$OUT/compare-compile" --threads 0 \
+    --variants dual/towers,torchvision --compile --no-overhead \
+    --batch-sizes 128 --memory-batch-size 128 --repeats 5 --steps 5 --warmup 3
+
 if [ "$GPUS" -ge 2 ]; then
     step split-memory 60 split-memory.txt "${A2G[@]}" memory --model dual --placement split \
         --devices cuda:0,cuda:1 --batch-size 128 --json "$OUT/split-memory.json"
@@ -80,5 +94,5 @@ if [ "$GPUS" -ge 2 ]; then
         --devices cuda:0,cuda:1 --batch-size 128 --check-estimate --json "$OUT/split-estimate.json"
 fi
 
-echo "failed steps: $FAILED; results in $OUT" | tee -a "$OUT/summary.txt"
+echo "failed steps: $FAILED; $SECONDS s in all; results in $OUT" | tee -a "$OUT/summary.txt"
 exit "$FAILED"

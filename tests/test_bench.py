@@ -191,7 +191,7 @@ def test_a_timing_covers_cuda_work_still_queued_on_the_device():
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-def test_a_timing_waits_for_the_second_device_too():
+def test_a_timing_waits_for_the_second_cuda_device_too():
     """Work queued on cuda:1 while cuda:0 is current: synchronising only the current device
     would stop the clock early."""
     torch.cuda.set_device(0)
