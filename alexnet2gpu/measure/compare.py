@@ -2,11 +2,12 @@
 parameters, memory per device, throughput over batch sizes and bytes exchanged.
 Returns one plain :class:`CompareReport`; :mod:`alexnet2gpu.report.compare` renders it.
 
-The matrix: ``simplified``, ``dual/towers``, ``dual/grouped``, ``dual/split``
-(two GPUs; without them only its memory, estimated on ``cpu,cpu``), ``dual/ranks`` (a
-2-process torchrun job, launched here when this process is not one, with its JSON read
-back), and the peers ``half`` and ``torchvision``. Every figure carries its source
-(measured or estimated) and device.
+The matrix (:mod:`.matrix`): ``simplified``, ``dual/towers``, ``dual/grouped``,
+``dual/split`` (two GPUs; without them only its memory, estimated for cuda:0 and cuda:1),
+``dual/ranks`` (a 2-process torchrun job, launched here when this process is not one, with
+its JSON read back), and the peers ``half`` and ``torchvision``; with ``compile``, each
+measurable one again under ``torch.compile`` as ``NAME+compile``. Every figure carries its
+source (measured or estimated) and device.
 """
 
 from __future__ import annotations
