@@ -160,9 +160,9 @@ class TrainConfig:
         """Numbers out of range, refused before any work with the flag and what works."""
         checks = (
             ("lr", self.lr, lambda v: v > 0, "a positive number, e.g. 0.01"),
-            ("momentum", self.momentum, lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.9"),
+            ("momentum", self.momentum, lambda v: 0 <= v < 1, "a value in [0, 1), e.g. 0.9"),
             ("weight_decay", self.weight_decay, lambda v: v >= 0, "0 or more, e.g. 5e-4"),
-            ("dropout", self.dropout, lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.5"),
+            ("dropout", self.dropout, lambda v: 0 <= v < 1, "a value in [0, 1), e.g. 0.5"),
             ("width", self.width, lambda v: v > 0, "positive, e.g. 1 or 0.0625"),
             ("workers", self.workers, lambda v: v >= 0, "0 or more"),
         )
