@@ -31,6 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add_model_arguments(parser)
     add_placement_arguments(parser)
+    _add_data_arguments(parser)
+    _add_training_arguments(parser)
+    _add_output_arguments(parser)
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument(
         "--data",
@@ -57,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="evaluate image folders on 10 crops, softmax averaged (paper 4.1)",
     )
     data.add_argument("--workers", type=int, default=None, help="loader worker processes (default: automatic)")
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("training")
     run.add_argument(
         "--recipe",
@@ -102,6 +111,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=180.0,
         help="seconds a collective waits for a dead or hung rank before the job fails (ranks; default: %(default)s)",
     )
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output")
     out.add_argument(
         "--metrics",

@@ -187,6 +187,19 @@ def _default_workers(in_memory: bool, cuda: bool) -> int:
     return max(1, min(8, cpus - 1))
 
 
+def _fashion_mnist(data_dir, train_subset, image_size: int, in_channels: int, pixels: str):
+    """(train set, test set, collate, description) of Fashion-MNIST."""
+    train_set = FashionMNIST("train", data_dir, subset=train_subset)
+    test_set = FashionMNIST("test", data_dir)
+    mean = training_mean_image(train_set) if pixels == "mean-image" else None
+    description = (
+        f"Fashion-MNIST from {train_set.folder}: {len(train_set):,} train, {len(test_set):,} test "
+        f"images, resized 28 -> {image_size}, {in_channels} channel{'s' if in_channels > 1 else ''}, "
+        f"{_PIXEL_WORDS[pixels]}"
+    )
+    return train_set, test_set, ResizeBatch(image_size, in_channels, mean), description
+
+
 def build_loaders(
     data: str | os.PathLike,
     *,
@@ -226,18 +239,12 @@ def build_loaders(
     if str(data) == "fashion-mnist":
         if ten_crop:
             raise ConfigError("--ten-crop needs an image folder (--data PATH); Fashion-MNIST is evaluated whole")
-        train_set = FashionMNIST("train", data_dir, subset=train_subset)
-        test_set = FashionMNIST("test", data_dir)
-        mean = training_mean_image(train_set) if pixels == "mean-image" else None
-        collate = ResizeBatch(image_size, in_channels, mean)
-        train_collate = test_collate = collate
+        train_set, test_set, train_collate, description = _fashion_mnist(
+            data_dir, train_subset, image_size, in_channels, pixels
+        )
+        test_collate = train_collate
         in_memory = True
         classes = FashionMNIST.classes
-        description = (
-            f"Fashion-MNIST from {train_set.folder}: {len(train_set):,} train, {len(test_set):,} test "
-            f"images, resized 28 -> {image_size}, {in_channels} channel{'s' if in_channels > 1 else ''}, "
-            f"{_PIXEL_WORDS[pixels]}"
-        )
     else:
         if train_subset is not None:
             raise ConfigError("--train-subset applies to Fashion-MNIST only")
