@@ -18,12 +18,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..report import write_json
-    from ..report.summary import render_summary
+    from ..report.summary import render_layer_table
 
     check_output_file(args.json, "--json")
     record = plan_summary(args.model, args.placement, args.devices, **model_kwargs(args))
     if args.json != "-":
-        render_summary(record)
+        render_layer_table(record)
     if args.json:
         write_json(args.json, record.to_json())
     return 0

@@ -169,8 +169,11 @@ class TowerDropout(nn.Module):
         # Masks are drawn in float32 whatever the activations' dtype, so that a float64
         # reference and a float32 run draw the same masks.
         mask = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-        if x.is_meta or torch._subclasses.fake_tensor.is_fake(x):
+        if torch.compiler.is_compiling() or x.is_meta or torch._subclasses.fake_tensor.is_fake(x):
             # Planning without hardware: masks carry no values, so no generator is needed.
+            # Under torch.compile a generator object would break the graph at every call,
+            # so compiled runs draw from torch's own RNG: valid dropout, but not the same
+            # masks in every placement (eager runs keep that guarantee).
             mask.bernoulli_(keep)
         else:
             if self.generator is None or self.generator.device != x.device:

@@ -8,7 +8,7 @@ from ..checks.summary import SummaryRecord
 from ..checks.verify import PlacementCheck
 from . import console, fmt_int
 
-__all__ = ["render_checks", "render_layer_table", "render_summary"]
+__all__ = ["render_checks", "render_layer_table"]
 
 
 def render_layer_table(record: SummaryRecord) -> None:
@@ -32,11 +32,6 @@ def render_layer_table(record: SummaryRecord) -> None:
     out.print(table)
     if record.note:
         out.print(record.note)
-
-
-# The old name, until cli/summary.py imports render_layer_table (the training report has a
-# render_summary of its own).
-render_summary = render_layer_table
 
 
 def render_checks(checks: list[PlacementCheck]) -> None:
