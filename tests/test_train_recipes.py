@@ -88,7 +88,12 @@ def test_departure_for_ten_classes_is_printed_and_lr_flag_overrides(tmp_path, ca
     config = TrainConfig(**dict(TINY, data="fashion-mnist", num_classes=None))
     hyper, notes = config.for_classes(10)
     assert hyper.lr == 0.003 and "lr 0.003, not 0.01, for 10 classes" in notes[0]
-    assert TrainConfig(**dict(TINY, data="fashion-mnist", num_classes=None), lr=0.01).for_classes(10)[1] == []
+    assert hyper.init == "cfg" and "the released code's initialisation (--init cfg" in notes[1]
+    assert config.for_classes(1000) == (config.hyper, [])  # the paper's own setting: no departure
+    fm = dict(TINY, data="fashion-mnist", num_classes=None)
+    assert TrainConfig(**fm, lr=0.01, init="paper").for_classes(10)[1] == []
+    only_lr = TrainConfig(**fm, lr=0.01).for_classes(10)
+    assert only_lr[0].lr == 0.01 and only_lr[0].init == "cfg" and len(only_lr[1]) == 1
     assert TrainConfig(**TINY, recipe="d2l").for_classes(10) == (TrainConfig(**TINY, recipe="d2l").hyper, [])
     data_dir = _small_fashion_mnist(tmp_path / "fm")
     code = main(
@@ -98,6 +103,15 @@ def test_departure_for_ten_classes_is_printed_and_lr_flag_overrides(tmp_path, ca
 
 
 def test_init_cfg_uses_the_released_stds(tmp_path):
+    from alexnet2gpu import build_model
+    from alexnet2gpu.models import init_cfg_
+
+    model = build_model("dual")  # full width: enough weights for the std to show
+    init_cfg_(model)
+    stds = {name: float(p.std()) for name, p in model.tower_a.named_parameters() if name.endswith("weight")}
+    for layer, want in {"conv1": 0.01, "conv2": 0.01, "conv3": 0.03, "conv4": 0.03, "conv5": 0.03, "fc6": 0.01}.items():
+        assert abs(stds[f"{layer}.weight"] - want) < 0.1 * want, layer
+    assert float(model.tower_a.conv2.bias.min()) == 1.0 and float(model.tower_a.conv3.bias.abs().max()) == 0.0
     result = train(TrainConfig(**TINY, init="cfg", steps=1, checkpoint_dir=str(tmp_path)))
     assert result.steps == 1
     with pytest.raises(Exception, match="unknown --init 'he'"):

@@ -69,15 +69,15 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def check_output_file(path: str | None, flag: str) -> None:
+def check_output_file(path: str | None, flag: str, example: str = "out.json") -> None:
     """Refuses, before any work starts, an output file that cannot be written: a folder, a
     file in a folder that cannot be created, or an unwritable place. ``-`` (stdout) and
-    None pass."""
+    None pass. ``example`` is the file name the message suggests inside a folder."""
     if path is None or path == "-":
         return
     target = Path(path)
     if target.is_dir():
-        raise ConfigError(f"{flag} {path} is a folder: give a file path, e.g. {target / 'out.json'}")
+        raise ConfigError(f"{flag} {path} is a folder: give a file path, e.g. {target / example}")
     parent = _nearest_existing(target.parent)
     if not parent.is_dir():
         raise ConfigError(f"{flag} {path}: {parent} is a file, so the folder cannot be created")

@@ -197,10 +197,10 @@ def config_from_args(args: argparse.Namespace):
 def check_outputs(args: argparse.Namespace) -> str | None:
     """Every output path and the numbers the config does not check, before any work;
     returns the plot path (``curves.png`` beside the checkpoints by default)."""
-    check_output_file(args.metrics, "--metrics")
+    check_output_file(args.metrics, "--metrics", "metrics.jsonl")
     check_output_dir(args.checkpoint_dir, "--checkpoint-dir")
     plot = args.plot or (str(Path(args.checkpoint_dir) / "curves.png") if args.checkpoint_dir else None)
-    check_output_file(plot, "--plot")
+    check_output_file(plot, "--plot", "curves.png")
     if not args.log_every > 0:
         raise ConfigError(f"--log-every {args.log_every:g} is out of range: give a positive number of seconds")
     return plot

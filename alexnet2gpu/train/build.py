@@ -106,9 +106,9 @@ def build_data(config: TrainConfig, layout: Layout) -> RunData:
     return RunData(loaders.train, loaders.test, loaders.num_classes, loaders.description, loaders.ten_crop)
 
 
-def build_net(config: TrainConfig, num_classes: int) -> nn.Module:
-    """The net from the run seed, initialised by the recipe (paper: [paper] 5; d2l: Xavier)
-    or by ``--init``."""
+def build_net(config: TrainConfig, num_classes: int, hyper: Recipe) -> nn.Module:
+    """The net from the run seed, initialised as ``hyper`` says (the recipe's, ``--init``'s
+    or a departure's: paper: [paper] 5; cfg: [cfg]; d2l: Xavier)."""
     in_channels, image_size = input_shape(config)
     torch.manual_seed(config.seed)
     model = build_model(
@@ -119,7 +119,7 @@ def build_net(config: TrainConfig, num_classes: int) -> nn.Module:
         width=config.width,
         dropout=config.dropout,
     )
-    initialise_(model, config.hyper.init)
+    initialise_(model, hyper.init)
     return model
 
 

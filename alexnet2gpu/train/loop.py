@@ -173,9 +173,9 @@ def _prepare(config: TrainConfig, layout: Layout, display_factory) -> _Run:
             "collectives: run ranks without --compile, or --compile with --placement grouped, towers or split"
         )
     data = build_data(config, layout)
-    placed = place(build_net(config, data.num_classes), layout)
-    seed_dropout(placed, config.seed, replica=layout.replica)
     hyper, departures = config.for_classes(data.num_classes)
+    placed = place(build_net(config, data.num_classes, hyper), layout)
+    seed_dropout(placed, config.seed, replica=layout.replica)
     optimizer = build_optimizer(hyper, placed)
     scheduler = build_scheduler(hyper, optimizer)
     if config.compile:
