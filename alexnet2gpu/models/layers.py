@@ -53,6 +53,16 @@ def _window_sum(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
     return out
 
 
+def _pow_neg(scale: torch.Tensor, beta: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``scale ** -beta`` into ``out`` (a new tensor when None). For the paper's beta = 0.75
+    it is ``rsqrt(scale * sqrt(scale))``: three cheap passes instead of ``pow``, which is
+    about 5x slower than ``rsqrt`` per element on a CPU (both agree to float32 rounding)."""
+    if beta != 0.75:
+        return torch.pow(scale, -beta, out=out) if out is not None else scale.pow(-beta)
+    out = torch.sqrt(scale, out=out) if out is not None else scale.sqrt()
+    return out.mul_(scale).rsqrt_()
+
+
 class _LRNFunction(torch.autograd.Function):
     """y = x * scale^-beta, scale = k + alpha/n * sum over the channel window of x^2.
 
@@ -65,26 +75,28 @@ class _LRNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, size: int, alpha: float, beta: float, k: float, groups: int):
         n, c = x.shape[0], x.shape[1]
-        grouped = x.view(n, groups, c // groups, *x.shape[2:])
+        squares = x * x
         before, after = size // 2, (size - 1) // 2  # F.local_response_norm's padding
-        scale = _window_sum(grouped * grouped, before, after).mul_(alpha / size).add_(k).view_as(x)
+        grouped = squares.view(n, groups, c // groups, *x.shape[2:])
+        scale = _window_sum(grouped, before, after).mul_(alpha / size).add_(k).view_as(x)
         ctx.save_for_backward(x, scale)
         ctx.size, ctx.alpha, ctx.beta, ctx.groups = size, alpha, beta, groups
-        return x * scale.pow(-beta)
+        # The squares' buffer becomes the output: every activation-sized tensor allocated
+        # here costs page faults on the CPU, so the forward makes two, not four.
+        return _pow_neg(scale, beta, out=squares).mul_(x)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, scale = ctx.saved_tensors
         size, alpha, beta, groups = ctx.size, ctx.alpha, ctx.beta, ctx.groups
-        scale_pow = scale.pow(-beta)
+        scale_pow = _pow_neg(scale, beta)
         # dy * y / scale = dy * x * scale^(-beta - 1)
-        ratio = (dy * x * scale_pow).div_(scale)
+        ratio = (dy * x).mul_(scale_pow).div_(scale)
         n, c = x.shape[0], x.shape[1]
-        ratio = ratio.view(n, groups, c // groups, *x.shape[2:])
         before, after = size // 2, (size - 1) // 2
-        summed = _window_sum(ratio, after, before).view_as(x)  # the transposed window
-        dx = dy * scale_pow - summed.mul_(x).mul_(2.0 * alpha * beta / size)
-        return dx, None, None, None, None, None
+        summed = _window_sum(ratio.view(n, groups, c // groups, *x.shape[2:]), after, before)  # transposed window
+        dx = scale_pow.mul_(dy)  # in place: three activation-sized allocations in all, not six
+        return dx.addcmul_(summed.view_as(x), x, value=-2.0 * alpha * beta / size), None, None, None, None, None
 
 
 def local_response_norm(
