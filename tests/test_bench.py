@@ -294,3 +294,15 @@ def test_bench_compile_on_the_command_line(tmp_path, capsys, monkeypatch):
     assert all(r["compile_s"] > 0 for r in rows)
     printed = capsys.readouterr().out
     assert "compile time (torch.compile" in printed and "train at batch 2:" in printed
+
+
+def test_progress_in_a_log_is_plain_lines_with_an_eta(capsys, monkeypatch):
+    from alexnet2gpu.report.bench import ProgressBar
+
+    monkeypatch.setattr(ProgressBar, "LOG_EVERY_S", 0.0)
+    with ProgressBar(4, "measuring") as bar:  # pytest's capture is not a terminal
+        bar.advance(1, "dual/towers")
+        bar.advance(3)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("dual/towers: 1/4 done, ") and "ETA" in lines[0]
+    assert lines[-1].startswith("dual/towers: 4/4 done, ") and lines[-1].endswith("ETA 0 s")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import time
+
 import torch
 from rich.table import Table
 
@@ -66,25 +69,40 @@ def render_overhead(result: OverheadResult) -> None:
 
 
 class ProgressBar:
-    """A rich progress bar for long measurements; ``advance()`` is the callback that
-    measurement code calls (it knows nothing of rich). Off when ``enabled`` is False
-    (other ranks, JSON to stdout), then ``advance`` does nothing."""
+    """Progress for long measurements; ``advance()`` is the callback that measurement code
+    calls (it knows nothing of rich). On a terminal a rich bar with the elapsed time and an
+    ETA; otherwise (a log, CI) a plain line on stderr at most every ``LOG_EVERY_S`` seconds
+    and at the end. Off when ``enabled`` is False (other ranks, JSON to stdout), then
+    ``advance`` does nothing."""
+
+    LOG_EVERY_S = 15.0
 
     def __init__(self, total: int, description: str, enabled: bool = True) -> None:
         self.enabled = enabled
         self._progress = None
         self._task = None
         self._total, self._description = total, description
+        self._done, self._started, self._last_line = 0, 0.0, 0.0
 
     def __enter__(self) -> ProgressBar:
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        self._started = self._last_line = time.monotonic()
+        if self.enabled and console().is_terminal:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self._progress = Progress(
                 TextColumn("{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
                 console=console(),
                 transient=False,
             )
@@ -95,11 +113,31 @@ class ProgressBar:
     def __exit__(self, *exc) -> None:
         if self._progress is not None:
             self._progress.__exit__(*exc)
+        elif self.enabled and exc[0] is None:
+            self._log_line(self._description)
 
     def advance(self, steps: int = 1, description: str | None = None) -> None:
+        self._done += steps
+        if description:
+            self._description = description
         if self._progress is not None:
             kwargs = {"description": description} if description else {}
             self._progress.update(self._task, advance=steps, **kwargs)
+        elif self.enabled and time.monotonic() - self._last_line >= self.LOG_EVERY_S:
+            self._log_line(self._description)
+
+    def _log_line(self, description: str) -> None:
+        now = time.monotonic()
+        self._last_line = now
+        elapsed = now - self._started
+        done = min(self._done, self._total)
+        eta = elapsed / done * (self._total - done) if done else float("nan")
+        eta_words = "?" if eta != eta else f"{eta:.0f} s"
+        print(
+            f"{description}: {done}/{self._total} done, {elapsed:.0f} s elapsed, ETA {eta_words}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def progress_bar(total: int, description: str, enabled: bool = True) -> ProgressBar:
