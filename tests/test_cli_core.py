@@ -8,6 +8,8 @@ import pytest
 
 from alexnet2gpu.cli import main
 
+from .test_models import SEED_SHAPES
+
 
 def run_json(capsys, *argv):
     assert main(list(argv)) == 0
@@ -31,20 +33,7 @@ def test_summary_split_plans_without_a_gpu(capsys):
 def test_summary_of_simplified_is_the_seeds_printout(capsys):
     record = run_json(capsys, "summary", "--model", "simplified", "--json", "-")
     shapes = [layer["output_shape"] for layer in record["layers"] if layer["kind"] not in ("ReLU", "Dropout")]
-    assert shapes == [
-        [1, 96, 54, 54],
-        [1, 96, 26, 26],
-        [1, 256, 26, 26],
-        [1, 256, 12, 12],
-        [1, 384, 12, 12],
-        [1, 384, 12, 12],
-        [1, 256, 12, 12],
-        [1, 256, 5, 5],
-        [1, 6400],
-        [1, 4096],
-        [1, 4096],
-        [1, 10],
-    ]
+    assert shapes == SEED_SHAPES
     assert record["params_total"] == 46_764_746
 
 

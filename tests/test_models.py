@@ -5,6 +5,23 @@ import torch
 
 from alexnet2gpu import MODEL_NAMES, ConfigError, build_model, smallest_image_size
 
+# The seed's printout (d2l 8.1): simplified's output shapes for a 1x1x224x224 input, the
+# ReLU and dropout layers left out.
+SEED_SHAPES = [
+    [1, 96, 54, 54],
+    [1, 96, 26, 26],
+    [1, 256, 26, 26],
+    [1, 256, 12, 12],
+    [1, 384, 12, 12],
+    [1, 384, 12, 12],
+    [1, 256, 12, 12],
+    [1, 256, 5, 5],
+    [1, 6400],
+    [1, 4096],
+    [1, 4096],
+    [1, 10],
+]
+
 
 def n_params(module):
     return sum(p.numel() for p in module.parameters())
@@ -53,20 +70,7 @@ def test_simplified_layer_shapes_are_the_seeds():
         x = layer(x)
         if not isinstance(layer, (torch.nn.ReLU, torch.nn.Dropout)):
             shapes.append(list(x.shape))
-    assert shapes == [
-        [1, 96, 54, 54],
-        [1, 96, 26, 26],
-        [1, 256, 26, 26],
-        [1, 256, 12, 12],
-        [1, 384, 12, 12],
-        [1, 384, 12, 12],
-        [1, 256, 12, 12],
-        [1, 256, 5, 5],
-        [1, 6400],
-        [1, 4096],
-        [1, 4096],
-        [1, 10],
-    ]
+    assert shapes == SEED_SHAPES
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
