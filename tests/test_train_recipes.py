@@ -108,10 +108,13 @@ def test_init_cfg_uses_the_released_stds(tmp_path):
 
     model = build_model("dual")  # full width: enough weights for the std to show
     init_cfg_(model)
-    stds = {name: float(p.std()) for name, p in model.tower_a.named_parameters() if name.endswith("weight")}
+    stds = {name: float(p.detach().std()) for name, p in model.tower_a.named_parameters() if name.endswith("weight")}
     for layer, want in {"conv1": 0.01, "conv2": 0.01, "conv3": 0.03, "conv4": 0.03, "conv5": 0.03, "fc6": 0.01}.items():
         assert abs(stds[f"{layer}.weight"] - want) < 0.1 * want, layer
-    assert float(model.tower_a.conv2.bias.min()) == 1.0 and float(model.tower_a.conv3.bias.abs().max()) == 0.0
+    assert (
+        float(model.tower_a.conv2.bias.detach().min()) == 1.0
+        and float(model.tower_a.conv3.bias.detach().abs().max()) == 0.0
+    )
     result = train(TrainConfig(**TINY, init="cfg", steps=1, checkpoint_dir=str(tmp_path)))
     assert result.steps == 1
     with pytest.raises(Exception, match="unknown --init 'he'"):

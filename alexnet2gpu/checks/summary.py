@@ -72,7 +72,7 @@ def plan_summary(model_name: str, placement: str = "auto", devices=None, **model
     with FakeTensorMode(allow_non_fake_inputs=True):
         placed = place(model, placement, devices)
         layout = placed.layout
-        if layout.placement == "grouped":
+        if layout.fused:
             # The fused net calls the towers' kernels through F.conv2d, which module hooks
             # cannot see; its layers are the towers' layers, so plan those on its device.
             note = (

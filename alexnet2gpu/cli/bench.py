@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import Alexnet2gpuError
+import torch
+
+from ..errors import Alexnet2gpuError, ConfigError
+from ..measure.bench import MODES, bench_placed, measure_overhead
+from ..measure.timing import machine_info
+from ..measure.workload import compile_placed, parse_batch_sizes
+from ..models import build_model
+from ..parallel import TorchrunEnv, close_distributed, place
 from .arguments import add_model_arguments, add_placement_arguments, model_kwargs
 
 
@@ -53,8 +60,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _overhead(args: argparse.Namespace, placed, batch_size: int, kwargs: dict, show: bool):
     """The harness against a plain PyTorch loop on the same device and first batch size."""
-    from ..errors import ConfigError
-    from ..measure.bench import measure_overhead
     from ..report.bench import progress_bar
 
     if placed.layout.towers_apart:
@@ -74,7 +79,6 @@ def _overhead(args: argparse.Namespace, placed, batch_size: int, kwargs: dict, s
 
 
 def _write(path: str, results, overhead, machine: dict) -> None:
-    import torch
 
     from ..report import write_json
 
@@ -88,14 +92,7 @@ def _write(path: str, results, overhead, machine: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
-    from ..errors import ConfigError
-    from ..measure.bench import MODES, bench_placed
-    from ..measure.timing import machine_info
-    from ..measure.workload import compile_placed, parse_batch_sizes
-    from ..models import build_model
-    from ..parallel import TorchrunEnv, place
     from ..report.bench import progress_bar, render_bench, render_overhead
 
     if args.threads is not None:
@@ -131,8 +128,6 @@ def run(args: argparse.Namespace) -> int:
         overhead = _overhead(args, placed, batch_sizes[0], kwargs, show) if args.against_plain_loop else None
     finally:
         if env.launched:  # destroy_process_group on every exit path
-            from ..parallel import close_distributed
-
             close_distributed()
     if not env.is_rank0:
         return 0

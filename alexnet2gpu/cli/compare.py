@@ -14,7 +14,13 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..errors import Alexnet2gpuError
+import torch
+
+from ..errors import Alexnet2gpuError, ConfigError
+from ..measure.compare import plan_variants, run_compare, units_of_work
+from ..measure.matrix import CompareConfig
+from ..measure.workload import parse_batch_sizes
+from ..parallel import TorchrunEnv
 
 FULL_OUT, QUICK_OUT = "compare-out", "compare-out/quick"
 
@@ -72,8 +78,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from ..measure.matrix import CompareConfig
-    from ..measure.workload import parse_batch_sizes
 
     overrides = {}
     if args.variants:
@@ -90,7 +94,6 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _check_out_dir(out: str) -> None:
-    from ..errors import ConfigError
 
     path = Path(out)
     try:
@@ -104,10 +107,7 @@ def _check_out_dir(out: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
-    from ..measure.compare import plan_variants, run_compare, units_of_work
-    from ..parallel import TorchrunEnv
     from ..report.bench import progress_bar
     from ..report.compare import render_compare, write_compare
 

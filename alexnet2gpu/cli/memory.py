@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import Alexnet2gpuError
+import torch
+
+from ..errors import Alexnet2gpuError, ConfigError
+from ..measure.memory import check_estimator, run_memory
+from ..parallel import TorchrunEnv, close_distributed
 from .arguments import add_model_arguments, add_placement_arguments, model_kwargs
 
 
@@ -42,11 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..errors import ConfigError
-    from ..measure.memory import check_estimator, run_memory
-    from ..parallel import TorchrunEnv
 
     if args.threads is not None:
         if args.threads < 1:
@@ -85,8 +84,6 @@ def run(args: argparse.Namespace) -> int:
         )
     finally:
         if env.launched:  # destroy_process_group on every exit path
-            from ..parallel import close_distributed
-
             close_distributed()
     if not env.is_rank0:
         return 0

@@ -24,6 +24,9 @@ from pathlib import Path
 
 from ..errors import Alexnet2gpuError, ConfigError
 from ..models import INITS
+from ..parallel import TorchrunEnv
+from ..train import TrainConfig, train
+from ..train.interrupt import Interrupted
 from .arguments import add_model_arguments, add_placement_arguments, check_output_dir, check_output_file
 
 
@@ -157,7 +160,6 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from ..train import TrainConfig
 
     return TrainConfig(
         model=args.model,
@@ -226,10 +228,7 @@ def _curves_writer(plot: str | None, args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..parallel import TorchrunEnv
     from ..report.training import render_run_summary
-    from ..train import train
-    from ..train.interrupt import Interrupted
 
     env = TorchrunEnv.from_environ()
     if env.launched:

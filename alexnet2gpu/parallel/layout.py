@@ -137,6 +137,11 @@ class Layout:
         return self.placement in ("split", "ranks")
 
     @property
+    def fused(self) -> bool:
+        """Both towers' kernels run as one fused convolution per layer (``grouped``)."""
+        return self.placement == "grouped"
+
+    @property
     def replica(self) -> int:
         """This process's data-parallel replica (0 outside ``ranks``)."""
         return self.rank // 2 if self.distributed else 0

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..errors import Alexnet2gpuError, ConfigError
@@ -186,8 +187,6 @@ def checkpoint_state(
     optim_state = optimizer_state_by_name(placed, optimizer)
     rng = capture_rng_state(placed)
     if layout.distributed:
-        import torch.distributed as dist
-
         # Every rank's optimizer state and dropout generators; replicas hold the same
         # optimizer state (DDP averaged the gradients), but draw different dropout masks.
         groups = [g["params"] for g in optim_state["param_groups"]]
@@ -243,7 +242,6 @@ def load_everywhere(layout: Layout, source: Path) -> dict:
     need not see rank 0's disk); one process just reads it."""
     if not layout.distributed:
         return load_checkpoint(source)
-    import torch.distributed as dist
 
     box: list[Any] = [None]
     if layout.is_rank0:

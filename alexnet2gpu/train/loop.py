@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -119,7 +120,6 @@ class _Run:
     def all_sum(self, values: list[float]) -> list[float]:
         if not self.layout.distributed:
             return values
-        import torch.distributed as dist
 
         t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t)
