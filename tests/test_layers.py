@@ -86,3 +86,15 @@ def test_matches_nn_local_response_norm_on_cuda():
     LocalResponseNorm(*PAPER)(x).backward(dy)
     nn.LocalResponseNorm(*PAPER)(x_ref).backward(dy)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6 * x_ref.grad.abs().max().item())
+
+
+def test_under_torch_compile_it_is_the_same_function():
+    """Compiled, the layer uses the composite form (which inductor fuses); same values and
+    gradients as the eager Function, groups included."""
+    x = _activations((2, 16, 7, 7))
+    x_compiled = x.detach().clone().requires_grad_()
+    dy = torch.randn(2, 16, 7, 7)
+    local_response_norm(x, *PAPER, groups=2).backward(dy)
+    compiled = torch.compile(lambda t: local_response_norm(t, *PAPER, groups=2), backend="aot_eager", fullgraph=True)
+    compiled(x_compiled).backward(dy)
+    torch.testing.assert_close(x_compiled.grad, x.grad, rtol=1e-6, atol=1e-6 * x.grad.abs().max().item())
