@@ -203,7 +203,7 @@ def test_an_unusable_out_folder_is_refused_before_measuring(tmp_path, capsys, mo
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     measured = []
-    monkeypatch.setattr(compare_mod, "run_compare", lambda *a, **k: measured.append(1))
+    monkeypatch.setattr(compare_cli, "run_compare", lambda *a, **k: measured.append(1))
     assert main(["compare", "--out", str(blocker / "out")]) == 2
     err = capsys.readouterr().err
     assert f"--out {blocker / 'out'}" in err and "Traceback" not in err and not measured
@@ -255,7 +255,7 @@ def test_quick_writes_to_its_own_folder(monkeypatch, tmp_path):
     compare_cli.add_arguments(parser)
     written = []
     monkeypatch.setattr(compare_cli, "_check_out_dir", lambda out: written.append(out))
-    monkeypatch.setattr(compare_mod, "run_compare", lambda *a, **k: None)
+    monkeypatch.setattr(compare_cli, "run_compare", lambda *a, **k: None)
     for argv, out in ((["--quick"], "compare-out/quick"), ([], "compare-out"), (["--quick", "--out", "x"], "x")):
         compare_cli.run(parser.parse_args(argv))
         assert written.pop() == out
