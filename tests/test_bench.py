@@ -125,9 +125,17 @@ def test_harness_overhead_alternates_with_the_plain_loop_and_sees_a_slower_harne
 
     monkeypatch.setattr(bench_mod, "train_step", slow_harness)
     monkeypatch.setattr(bench_mod.F, "cross_entropy", _recording(bench_mod.F.cross_entropy, order, "plain"))
-    result = measure_overhead("simplified", batch_size=2, warmup=1, repeats=3, **tiny("simplified"))
+    # One thread: with two, OpenMP's workers spin-wait around each parallel region and bill
+    # that to the process, so CPU time would grow with the wall time after every sleep.
+    # Batch 8: a step of about 10 ms of CPU, well above the scheduling noise of a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = measure_overhead("simplified", batch_size=8, warmup=1, repeats=3, **tiny("simplified"))
+    finally:
+        torch.set_num_threads(threads)
     assert order == ["harness", "plain"] * 4  # one warm-up pair, then 3 alternating repeats
-    harness_s, plain_s = 2 / result.harness_images_per_s, 2 / result.plain_images_per_s
+    harness_s, plain_s = 8 / result.harness_images_per_s, 8 / result.plain_images_per_s
     assert harness_s - plain_s == pytest.approx(delay, rel=0.5)
     assert result.overhead > 1.0 and result.overhead_best > 1.0  # plain is more than twice as fast
     assert abs(result.overhead_cpu) < 0.5
