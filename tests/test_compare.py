@@ -254,7 +254,7 @@ def test_quick_writes_to_its_own_folder(monkeypatch, tmp_path):
     parser = argparse.ArgumentParser()
     compare_cli.add_arguments(parser)
     written = []
-    monkeypatch.setattr(compare_cli, "_check_out_dir", lambda out: written.append(out))
+    monkeypatch.setattr(compare_cli, "check_output_dir", lambda out, flag: written.append(out))
     monkeypatch.setattr(compare_cli, "run_compare", lambda *a, **k: None)
     for argv, out in ((["--quick"], "compare-out/quick"), ([], "compare-out"), (["--quick", "--out", "x"], "x")):
         compare_cli.run(parser.parse_args(argv))

@@ -9,18 +9,17 @@ CPU; --quick fits 2 and writes to compare-out/quick."""
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
-from pathlib import Path
 
 import torch
 
-from ..errors import Alexnet2gpuError, ConfigError
+from ..errors import Alexnet2gpuError
 from ..measure.compare import plan_variants, run_compare, units_of_work
 from ..measure.matrix import CompareConfig
 from ..measure.workload import parse_batch_sizes
 from ..parallel import TorchrunEnv
+from .arguments import check_output_dir
 
 FULL_OUT, QUICK_OUT = "compare-out", "compare-out/quick"
 
@@ -93,19 +92,6 @@ def config_from_args(args: argparse.Namespace):
     return CompareConfig.quick(**overrides) if args.quick else CompareConfig(**overrides)
 
 
-def _check_out_dir(out: str) -> None:
-
-    path = Path(out)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ConfigError(
-            f"--out {out}: cannot create the folder ({error.strerror or error}); give a folder you can write to"
-        ) from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out}: the folder is not writable; give a folder you can write to")
-
-
 def run(args: argparse.Namespace) -> int:
 
     from ..report.bench import progress_bar
@@ -116,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         args.out = QUICK_OUT if args.quick else FULL_OUT
     env = TorchrunEnv.from_environ()
     if env.is_rank0:
-        _check_out_dir(args.out)  # before minutes of measuring, not after
+        check_output_dir(args.out, "--out")  # before minutes of measuring, not after
     names, _ = plan_variants(config)
     total = sum(units_of_work(config, names).values()) + (config.repeats if config.overhead else 0)
     command = shlex.join(["alexnet2gpu", *sys.argv[1:]]) if sys.argv[1:2] == ["compare"] else "alexnet2gpu compare"
