@@ -16,12 +16,26 @@ _BIAS_ONE = ("conv2", "conv4", "conv5", "fc6", "fc7")
 _CFG_STD = {"conv3": 0.03, "conv4": 0.03, "conv5": 0.03}
 
 
+# The paper's layer names, in the order the layers run.
+_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+
+
+def _paper_layer_names(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Each conv and linear module with the paper's name of its layer: its own name where
+    the net uses the paper's (dual, half, simplified: both towers' conv1 are "conv1"),
+    else its place in order (torchvision's ``features.0`` ... ``classifier.6``)."""
+    found = [(n.rsplit(".", 1)[-1], m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if all(name in _LAYERS for name, _ in found):
+        return found
+    if len(found) == len(_LAYERS):
+        return [(layer, m) for layer, (_, m) in zip(_LAYERS, found)]
+    raise ValueError(f"cannot tell the paper's layers in {type(model).__name__}: {len(found)} conv/linear modules")
+
+
 def _init_gaussian_(model: nn.Module, std_of: dict[str, float]) -> None:
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            layer = name.rsplit(".", 1)[-1]
-            nn.init.normal_(module.weight, 0.0, std_of.get(layer, 0.01))
-            nn.init.constant_(module.bias, 1.0 if layer in _BIAS_ONE else 0.0)
+    for layer, module in _paper_layer_names(model):
+        nn.init.normal_(module.weight, 0.0, std_of.get(layer, 0.01))
+        nn.init.constant_(module.bias, 1.0 if layer in _BIAS_ONE else 0.0)
 
 
 def init_paper_(model: nn.Module) -> None:
