@@ -6,7 +6,9 @@ tests use the small IDX files of tests/test_train.py."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import torch
 
 from alexnet2gpu.cli import main
 from alexnet2gpu.data import build_loaders
+from alexnet2gpu.errors import Alexnet2gpuError, ConfigError
 from alexnet2gpu.io.checkpoints import load_checkpoint
 from alexnet2gpu.train import RECIPES, TrainConfig, train
 from alexnet2gpu.train.build import build_optimizer, build_scheduler
@@ -57,7 +60,7 @@ def test_paper_recipe_gives_biases_twice_the_lr_and_no_decay():
 def test_plateau_divides_by_ten_at_most_three_times():
     model = torch.nn.Linear(2, 2)
     optimizer = build_optimizer(RECIPES["paper"], model)
-    scheduler = build_scheduler(RECIPES["paper"], optimizer)
+    scheduler = build_scheduler(RECIPES["paper"], optimizer, total_steps=90)
     lrs = []
     for _ in range(90):  # a validation error that never improves
         scheduler.step(0.5)
@@ -66,6 +69,27 @@ def test_plateau_divides_by_ten_at_most_three_times():
     assert len(drops) == 3 and drops[0] >= 5  # patience of several epochs, not one
     torch.testing.assert_close(lrs[-1], 1e-5)
     torch.testing.assert_close(optimizer.param_groups[1]["lr"], 2e-5)
+
+
+def test_cosine_schedule_ends_near_zero_and_resumes_exactly(tmp_path):
+    """--schedule cosine steps after every optimizer step, from lr to 0 over the run; a
+    run stopped halfway and resumed lands on the same weights as one run straight."""
+    base = dict(TINY, recipe="d2l", schedule="cosine", lr=0.05, dropout=0.5)
+    metrics = tmp_path / "straight.jsonl"
+    train(TrainConfig(**base, steps=8, metrics=str(metrics), checkpoint_dir=str(tmp_path / "a"), checkpoint_every=4))
+    lrs = [r["lr"] for r in map(json.loads, metrics.read_text().splitlines()) if r["event"] == "step"]
+    # each record holds the lr its step used: 0.05 (1 + cos(pi k / 8)) / 2 for k = 0..7
+    want = [0.05 * (1 + math.cos(math.pi * k / 8)) / 2 for k in range(8)]
+    assert lrs == pytest.approx(want)
+    halfway = str(tmp_path / "a" / "step-00000004.pt")
+    train(TrainConfig(**base, steps=8, checkpoint_dir=str(tmp_path / "b"), resume=halfway))
+    a = load_checkpoint(tmp_path / "a" / "step-00000008.pt")
+    b = load_checkpoint(tmp_path / "b" / "step-00000008.pt")
+    assert a["scheduler"] == b["scheduler"]
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), name
+    with pytest.raises(ConfigError, match="cosine schedule over 8 steps, this run has 12"):
+        train(TrainConfig(**base, steps=12, checkpoint_dir=str(tmp_path / "c"), resume=halfway))
 
 
 def test_paper_pixels_are_0_255_minus_the_cached_training_mean_image(tmp_path, monkeypatch):
@@ -121,11 +145,28 @@ def test_init_cfg_uses_the_released_stds(tmp_path):
         TrainConfig(**TINY, init="he")
 
 
+@pytest.mark.parametrize("name", ["dual", "half", "simplified", "torchvision"])
+def test_every_model_gets_the_papers_biases_and_the_cfg_stds_by_layer(name):
+    """torchvision's layers are named features.0 ... classifier.6: they are found by order."""
+    from alexnet2gpu import build_model
+    from alexnet2gpu.models import init_cfg_
+
+    model = build_model(name, width=0.25, image_size=tiny(name)["image_size"])
+    init_cfg_(model)
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    if name == "dual":  # tower a's conv1-fc7, then the shared fc8
+        layers = [m for m in model.tower_a.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+        layers.append(model.fc8)
+    biases = [float(m.bias.detach().mean()) for m in layers[:8]]
+    assert biases == [0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+    conv4_std = float(layers[3].weight.detach().std())
+    assert abs(conv4_std - 0.03) < 0.003 and abs(float(layers[1].weight.detach().std()) - 0.01) < 0.001
+
+
 # --------------------------------------------------------------------------- divergence
 
 
 def test_a_loss_far_above_its_start_for_many_steps_stops_naming_the_flag(monkeypatch):
-    from alexnet2gpu.errors import Alexnet2gpuError
     from alexnet2gpu.train import loop
 
     class Run:
@@ -143,6 +184,24 @@ def test_a_loss_far_above_its_start_for_many_steps_stops_naming_the_flag(monkeyp
 def test_a_nonfinite_run_names_the_likely_cause_and_the_flag():
     with pytest.raises(Exception, match=r"(non-finite|diverging).*try --lr"):
         train(TrainConfig(**dict(TINY, batch_size=8), lr=1e6, momentum=0.9, steps=40))
+
+
+@pytest.mark.parametrize(
+    "model, placement, says",
+    [
+        (
+            "dual",
+            "towers",
+            "non-finite loss (in tower a, which holds fc8) and gradients in tower a and tower b at step 2",
+        ),
+        ("simplified", "auto", "non-finite loss and gradients at step 2"),
+    ],
+)
+def test_the_nonfinite_message_names_towers_only_for_a_two_tower_net(monkeypatch, model, placement, says):
+    monkeypatch.setenv("ALEXNET2GPU_FAULT", "nan-loss:rank0:step2")  # test-only injection
+    config = TrainConfig(**{**TINY, **tiny(model), "model": model, "placement": placement}, steps=3)
+    with pytest.raises(Alexnet2gpuError, match=re.escape(says)):
+        train(config)
 
 
 # --------------------------------------------------------------------------- curves and metrics
@@ -179,6 +238,7 @@ def test_plot_is_written_after_each_evaluation_and_metrics_keep_eval_records(tmp
         (["--weight-decay", "-0.1"], "--weight-decay -0.1 is out of range"),
         (["--dropout", "1"], "--dropout 1 is out of range"),
         (["--log-every", "0"], "--log-every 0 is out of range"),
+        (["--model", "torchvision", "--data", "fashion-mnist"], "use --recipe d2l, or --model dual/half/simplified"),
     ],
 )
 def test_bad_values_are_refused_in_one_line_before_any_work(tmp_path, capsys, monkeypatch, argv, message):

@@ -26,6 +26,7 @@ from ..errors import Alexnet2gpuError, ConfigError
 from ..models import INITS
 from ..parallel import TorchrunEnv
 from ..train import TrainConfig, train
+from ..train.config import SCHEDULES
 from ..train.interrupt import Interrupted
 from .arguments import add_model_arguments, add_placement_arguments, check_output_dir, check_output_file
 
@@ -98,6 +99,13 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's, 0.01)")
     run.add_argument("--momentum", type=float, default=None, help="SGD momentum (default: the recipe's)")
     run.add_argument("--weight-decay", type=float, default=None, help="weight decay (default: the recipe's)")
+    run.add_argument(
+        "--schedule",
+        default=None,
+        choices=SCHEDULES,
+        help="how the lr moves: plateau (/10 when test accuracy stops improving), constant, or cosine "
+        "(to 0 over the run) (default: the recipe's; paper: plateau, d2l: constant)",
+    )
     run.add_argument(
         "--seed", type=int, default=0, help="run seed: weights, data order, dropout (default: %(default)s)"
     )
@@ -179,6 +187,7 @@ def config_from_args(args: argparse.Namespace):
         lr=args.lr,
         momentum=args.momentum,
         weight_decay=args.weight_decay,
+        schedule=args.schedule,
         batch_size=args.batch_size,
         steps=args.steps,
         epochs=args.epochs,

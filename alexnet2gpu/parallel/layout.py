@@ -132,6 +132,11 @@ class Layout:
         return self.devices[0]
 
     @property
+    def two_towers(self) -> bool:
+        """The net has two towers (every placement but ``single``)."""
+        return self.placement != "single"
+
+    @property
     def towers_apart(self) -> bool:
         """The towers sit on different devices (``split``, ``ranks``): memory is per device."""
         return self.placement in ("split", "ranks")

@@ -141,11 +141,15 @@ def build_optimizer(hyper: Recipe, placed: nn.Module) -> torch.optim.Optimizer:
     )
 
 
-def build_scheduler(hyper: Recipe, optimizer: torch.optim.Optimizer):
-    """[paper] 5: lr /10 when the validation error stops improving, at most ``max_drops``
-    times (a floor just under lr / 10**max_drops stops a fourth); None for d2l."""
-    if not hyper.plateau:
+def build_scheduler(hyper: Recipe, optimizer: torch.optim.Optimizer, total_steps: int):
+    """The recipe's schedule: None for "constant"; "cosine", lr to 0 over ``total_steps``
+    (stepped after every optimizer step); "plateau", [paper] 5: lr /10 when the
+    validation error stops improving (stepped after each epoch's evaluation), at most
+    ``max_drops`` times (a floor just under lr / 10**max_drops stops a fourth)."""
+    if hyper.schedule == "constant":
         return None
+    if hyper.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     floor = [g["lr"] * 0.1**hyper.max_drops * (1 - 1e-6) for g in optimizer.param_groups]
     return torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=0.1, patience=PLATEAU_PATIENCE, min_lr=floor

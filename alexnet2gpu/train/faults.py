@@ -81,13 +81,14 @@ def weights_finite(placed: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in placed.parameters())
 
 
-def nonfinite_message(step: int, bad_loss: float, bad_a: float, bad_b: float) -> str:
+def nonfinite_message(step: int, bad_loss: float, bad_a: float, bad_b: float, two_towers: bool = True) -> str:
+    """Which values went non-finite; towers are named only for a two-tower net."""
     what = []
     if bad_loss:
-        what.append("loss (in tower a, which holds fc8)")
+        what.append("loss (in tower a, which holds fc8)" if two_towers else "loss")
     towers = [t for t, bad in (("a", bad_a), ("b", bad_b)) if bad]
     if towers:
-        what.append("gradients in tower " + " and tower ".join(towers))
+        what.append("gradients in tower " + " and tower ".join(towers) if two_towers else "gradients")
     return f"non-finite {' and '.join(what)} at step {step}"
 
 

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from ..data import ten_crop_predict
 from ..errors import Alexnet2gpuError, ConfigError
@@ -177,16 +178,17 @@ def _prepare(config: TrainConfig, layout: Layout, display_factory) -> _Run:
     placed = place(build_net(config, data.num_classes, hyper), layout)
     seed_dropout(placed, config.seed, replica=layout.replica)
     optimizer = build_optimizer(hyper, placed)
-    scheduler = build_scheduler(hyper, optimizer)
+    total_steps = config.steps or hyper.epochs * data.train.batches_per_epoch
+    scheduler = build_scheduler(hyper, optimizer, total_steps)
     if config.compile:
         placed.compile()  # in place: parameter names, and so checkpoints, stay the same
-    total_steps = config.steps or hyper.epochs * data.train.batches_per_epoch
     metrics = MetricsLog(config.metrics if layout.is_rank0 else None)
     run = _Run(config, layout, data, placed, optimizer, scheduler, total_steps, metrics)
     source = resume_source(config)
     if source is not None:
         state = load_everywhere(layout, source)
         check_resume_config(state, config, source)
+        _check_schedule_length(state, total_steps, source)
         run.step = restore_checkpoint(state, layout, placed, optimizer, scheduler, data.train)
         run.loss_start = state.get("run", {}).get("loss_start")
         run.curve = list(state.get("run", {}).get("curve", []))
@@ -198,6 +200,17 @@ def _prepare(config: TrainConfig, layout: Layout, display_factory) -> _Run:
     run.liveness = RankLiveness(layout.world_size) if layout.distributed else None
     run.fault = Fault.from_environ()
     return run
+
+
+def _check_schedule_length(state: dict, total_steps: int, source) -> None:
+    """A cosine schedule is drawn over the run's length: resuming it into a run of another
+    length would bend the curve, so that is refused."""
+    saved = (state.get("scheduler") or {}).get("T_max")
+    if saved is not None and saved != total_steps:
+        raise ConfigError(
+            f"{source} was written for a cosine schedule over {saved} steps, this run has {total_steps}: "
+            "resume with the same --epochs/--steps"
+        )
 
 
 def _header(run: _Run) -> dict:
@@ -261,6 +274,7 @@ def _checkpoint_due(run: _Run) -> bool:
 def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor) -> None:
     """One optimizer step (or a skipped one), its record written and displayed."""
     step, layout = run.step + 1, run.layout
+    lr = run.optimizer.param_groups[0]["lr"]  # this step's (a per-step schedule moves it after)
     if run.liveness:
         run.liveness.mark(layout.rank, run.step)
     t0 = time.perf_counter()
@@ -273,9 +287,11 @@ def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor) -> None:
         raise collective_failure(layout, run.liveness, step, run.config.timeout, error) from None
     nonfinite = bool(bad_loss or bad_a or bad_b)
     if nonfinite:
-        _on_nonfinite(run, nonfinite_message(step, bad_loss, bad_a, bad_b), run.optimizer.param_groups[0]["lr"])
+        _on_nonfinite(run, nonfinite_message(step, bad_loss, bad_a, bad_b, layout.two_towers), lr)
     else:
         run.optimizer.step()
+    if run.scheduler is not None and not isinstance(run.scheduler, ReduceLROnPlateau):
+        run.scheduler.step()  # per-step schedules (cosine)
     run.step = step
     run.stop_signal = signal.SIGINT if sigint else signal.SIGTERM if sigterm else 0
     dt = time.perf_counter() - t0
@@ -289,7 +305,7 @@ def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor) -> None:
         epoch=run.epoch,
         loss=float("nan") if nonfinite else loss_sum / layout.dp_size,
         accuracy=correct / seen if seen else 0.0,
-        lr=run.optimizer.param_groups[0]["lr"],
+        lr=lr,
         images_per_s=seen / dt if dt > 0 else 0.0,
         skipped=nonfinite,
     )
@@ -383,7 +399,7 @@ def _evaluate(run: _Run, epoch_complete: bool) -> None:
     run.curve.append({"epoch": epochs, "train_loss": loss, "train_accuracy": train_accuracy, "test_accuracy": accuracy})
     if run.on_evaluated:
         run.on_evaluated(list(run.curve))
-    if run.scheduler is not None and epoch_complete:
+    if isinstance(run.scheduler, ReduceLROnPlateau) and epoch_complete:
         # [paper] 5: on the validation error, once per epoch (not after a run's last,
         # partial epoch, so that a run resumed past it steps the same way)
         run.scheduler.step(1.0 - accuracy)
