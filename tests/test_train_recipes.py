@@ -126,6 +126,23 @@ def test_departure_for_ten_classes_is_printed_and_lr_flag_overrides(tmp_path, ca
     assert code == 0 and "departure from the paper recipe: lr 0.003" in capsys.readouterr().out
 
 
+def test_a_cpu_run_at_the_papers_size_points_to_the_cpu_sized_command():
+    from alexnet2gpu.report.training import render_header
+    from alexnet2gpu.train.config import CPU_SIZED_COMMAND, cpu_hint
+
+    hint = cpu_hint("cpu", 227, "fashion-mnist")
+    assert hint and CPU_SIZED_COMMAND in hint
+    assert cpu_hint("cuda", 227, "fashion-mnist") is None and cpu_hint("cpu", 72, "fashion-mnist") is None
+    assert CPU_SIZED_COMMAND in (ROOT / "README.md").read_text()  # the command the README measured
+    header = dict(model="dual", placement="grouped", device="cpu", data="d", recipe="paper", batch_size=128)
+    header.update(steps=1, lr=0.003, in_channels=3, image_size=227, hint=hint)
+    from alexnet2gpu.report import console
+
+    with console().capture() as captured:
+        render_header(header)
+    assert "for a CPU-sized run" in captured.get()
+
+
 def test_init_cfg_uses_the_released_stds(tmp_path):
     from alexnet2gpu import build_model
     from alexnet2gpu.models import init_cfg_

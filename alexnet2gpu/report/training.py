@@ -33,6 +33,8 @@ def render_header(header: dict) -> None:
     )
     for note in header.get("departures", ()):
         c.print(f"  [yellow]{note}[/yellow]", soft_wrap=True)
+    if header.get("hint"):
+        c.print(f"  [dim]{header['hint']}[/dim]", soft_wrap=True)
 
 
 class TrainingDisplay:

@@ -47,7 +47,7 @@ from ..parallel import Layout, close_distributed, forward_loss, place
 from ..parallel.distributed import RankLiveness
 from .build import RunData, build_data, build_net, build_optimizer, build_scheduler, input_shape, resolve_run_layout
 from .checkpointing import check_resume_config, checkpoint_state, load_everywhere, restore_checkpoint, resume_source
-from .config import DIVERGENCE_FACTOR, DIVERGENCE_STEPS, EvalRecord, StepRecord, TrainConfig, TrainResult
+from .config import DIVERGENCE_FACTOR, DIVERGENCE_STEPS, EvalRecord, StepRecord, TrainConfig, TrainResult, cpu_hint
 from .faults import Fault, collective_failure, diverging_message, grad_flags, nonfinite_message, weights_finite
 from .interrupt import Interrupted, StopSignals
 from .metrics import MetricsLog, RunningMeans
@@ -227,6 +227,7 @@ def _header(run: _Run) -> dict:
         "in_channels": in_channels,
         "lr": run.optimizer.param_groups[0]["lr"],
         "resumed_from": run.resumed_from,
+        "hint": cpu_hint(run.layout.device.type, image_size, run.config.data),
     }
 
 
