@@ -92,6 +92,23 @@ def test_cosine_schedule_ends_near_zero_and_resumes_exactly(tmp_path):
         train(TrainConfig(**base, steps=12, checkpoint_dir=str(tmp_path / "c"), resume=halfway))
 
 
+def test_weights_start_a_new_run_from_a_checkpoints_weights(tmp_path):
+    """--weights: the net starts as the checkpoint's (here trained, then one step at a
+    negligible lr), the optimizer and step count start fresh; another model is refused."""
+    train(TrainConfig(**TINY, steps=3, lr=0.05, checkpoint_dir=str(tmp_path / "a")))
+    first = tmp_path / "a" / "step-00000003.pt"
+    second = train(TrainConfig(**TINY, steps=1, lr=1e-12, weights=str(first), checkpoint_dir=str(tmp_path / "b")))
+    assert second.steps == 1
+    got = load_checkpoint(tmp_path / "b" / "step-00000001.pt")["model"]
+    fresh = load_checkpoint(tmp_path / "a" / "step-00000003.pt")["model"]
+    for name, value in fresh.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-9, msg=name)
+    with pytest.raises(ConfigError, match="holds dual weights, this run trains half"):
+        train(TrainConfig(**{**TINY, "model": "half", "placement": "auto"}, steps=1, weights=str(first)))
+    with pytest.raises(ConfigError, match="give one"):
+        TrainConfig(**TINY, weights=str(first), resume=str(first))
+
+
 def test_paper_pixels_are_0_255_minus_the_cached_training_mean_image(tmp_path, monkeypatch):
     data_dir = _small_fashion_mnist(tmp_path / "fm")
     kw = dict(image_size=28, in_channels=1, global_batch=48, data_dir=data_dir, num_workers=0)

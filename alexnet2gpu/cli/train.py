@@ -151,6 +151,13 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
         "--checkpoint-dir (a fresh start if there is none yet)",
     )
     out.add_argument(
+        "--weights",
+        default=None,
+        metavar="PATH",
+        help="start from the weights of this checkpoint (same model, any placement) with a fresh optimizer, "
+        "schedule and data order: a second stage of training, e.g. a warm restart",
+    )
+    out.add_argument(
         "--plot",
         default=None,
         metavar="PATH",
@@ -199,6 +206,7 @@ def config_from_args(args: argparse.Namespace):
         checkpoint_every=args.checkpoint_every,
         keep=args.keep,
         resume=args.resume,
+        weights=args.weights,
         metrics=args.metrics,
         on_nonfinite=args.on_nonfinite,
         timeout=args.timeout,

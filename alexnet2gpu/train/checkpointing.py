@@ -43,6 +43,7 @@ __all__ = [
     "check_resume_config",
     "checkpoint_state",
     "load_everywhere",
+    "load_weights",
     "load_optimizer_state_by_name",
     "optimizer_state_by_name",
     "restore_checkpoint",
@@ -267,6 +268,16 @@ def check_resume_config(state: dict, config: TrainConfig, source: Path) -> None:
                 f"{source} was written with --{key.replace('_', '-')} {saved[key]}, this run has "
                 f"{mine}: resume with the same setting"
             )
+
+
+def load_weights(layout: Layout, placed: nn.Module, source: Path, model: str) -> None:
+    """``--weights``: only the net's weights from a checkpoint of the same model (any
+    placement); the optimizer, schedule, step and data order start fresh."""
+    state = load_everywhere(layout, source)
+    saved = state.get("config", {}).get("model")
+    if state.get("format") != CHECKPOINT_FORMAT or saved != model:
+        raise ConfigError(f"--weights {source} holds {saved or 'no alexnet2gpu'} weights, this run trains {model}")
+    load_full_state_dict(placed, state["model"])
 
 
 def restore_checkpoint(state: dict, layout: Layout, placed: nn.Module, optimizer, scheduler, train_loader) -> int:

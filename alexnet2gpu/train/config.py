@@ -147,6 +147,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0: only at the end
     keep: int = 3
     resume: str | bool = False  # a path, True for the newest in checkpoint_dir
+    weights: str | None = None  # start from this checkpoint's weights, with a fresh optimizer, schedule and data order
     metrics: str | None = None  # JSONL path
     on_nonfinite: str = "stop"
     timeout: float = 180.0  # process-group timeout in seconds (ranks)
@@ -188,6 +189,12 @@ class TrainConfig:
             raise ConfigError("--resume without a path needs --checkpoint-dir DIR to look for the newest checkpoint")
         if self.resume not in (False, True) and not Path(self.resume).is_file():
             raise ConfigError(f"--resume {self.resume}: no such checkpoint file")
+        if self.weights is not None and not Path(self.weights).is_file():
+            raise ConfigError(f"--weights {self.weights}: no such checkpoint file")
+        if self.weights is not None and self.resume:
+            raise ConfigError(
+                "--weights starts a new run from a checkpoint's weights, --resume continues one: give one"
+            )
 
     def _check_ranges(self) -> None:
         """Numbers out of range, refused before any work with the flag and what works."""

@@ -31,6 +31,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,7 +47,14 @@ from ..models import seed_dropout
 from ..parallel import Layout, close_distributed, forward_loss, place
 from ..parallel.distributed import RankLiveness
 from .build import RunData, build_data, build_net, build_optimizer, build_scheduler, input_shape, resolve_run_layout
-from .checkpointing import check_resume_config, checkpoint_state, load_everywhere, restore_checkpoint, resume_source
+from .checkpointing import (
+    check_resume_config,
+    checkpoint_state,
+    load_everywhere,
+    load_weights,
+    restore_checkpoint,
+    resume_source,
+)
 from .config import DIVERGENCE_FACTOR, DIVERGENCE_STEPS, EvalRecord, StepRecord, TrainConfig, TrainResult, cpu_hint
 from .faults import Fault, collective_failure, diverging_message, grad_flags, nonfinite_message, weights_finite
 from .interrupt import Interrupted, StopSignals
@@ -177,6 +185,8 @@ def _prepare(config: TrainConfig, layout: Layout, display_factory) -> _Run:
     hyper, departures = config.for_classes(data.num_classes)
     placed = place(build_net(config, data.num_classes, hyper), layout)
     seed_dropout(placed, config.seed, replica=layout.replica)
+    if config.weights:
+        load_weights(layout, placed, Path(config.weights), config.model)
     optimizer = build_optimizer(hyper, placed)
     total_steps = config.steps or hyper.epochs * data.train.batches_per_epoch
     scheduler = build_scheduler(hyper, optimizer, total_steps)
