@@ -404,7 +404,8 @@ def test_the_default_net_and_recipe_learn_on_real_fashion_mnist(tmp_path):
 def test_the_cli_refuses_the_pairs_measured_not_to_learn(capsys):
     code = main(["train", "--model", "torchvision", "--recipe", "paper", "--steps", "1"])
     assert code == 2 and "use --recipe d2l" in capsys.readouterr().err
-    code = main(["train", "--model", "half", "--recipe", "d2l", "--steps", "1"])
-    assert code == 2 and "add --momentum 0.9" in capsys.readouterr().err
+    for model in ("dual", "half"):
+        code = main(["train", "--model", model, "--recipe", "d2l", "--steps", "1"])
+        assert code == 2 and "add --momentum 0.9" in capsys.readouterr().err
     TrainConfig(model="half", recipe="d2l", momentum=0.0)  # asked for by name: runs
     TrainConfig(model="half", recipe="d2l", data="synthetic")  # only Fashion-MNIST was measured
