@@ -81,7 +81,11 @@ class _Section:
 def _memory_section(report: CompareReport) -> _Section:
     rows = []
     for v, d in _memory_rows(report):
-        rss = f"; process peak RSS {fmt_mib(d.rss_peak_bytes)} MiB measured" if d.rss_peak_bytes else ""
+        rss = (
+            f"; process peak RSS {fmt_mib(d.rss_peak_bytes)} MiB measured (the whole process, not the peak column)"
+            if d.rss_peak_bytes
+            else ""
+        )
         rows.append(
             [
                 v.name,
@@ -251,6 +255,17 @@ def _md_table(section: _Section) -> str:
     return "\n".join(lines)
 
 
+def _rss_line(report: CompareReport) -> list[str]:
+    names = list(dict.fromkeys(v.name for v, d in _memory_rows(report) if d.rss_peak_bytes))
+    if not names:
+        return []
+    return [
+        f"- {', '.join(f'`{n}`' for n in names)}: the `source` column also gives each process's peak RSS, "
+        "**measured**: the whole process (Python, torch, buffers), not the step's peak beside it; the memory plot "
+        "draws it as a marker of its own above the estimated bar."
+    ]
+
+
 def _compiled_line(report: CompareReport) -> list[str]:
     names = [v.name for v in report.variants if v.compiled]
     if not names:
@@ -274,7 +289,9 @@ def compare_markdown(report: CompareReport) -> str:
         f"- wall time: {report.wall_s:,.0f} s",
         "- throughput figures are **measured** (median of the repeats ± half their range); memory figures say "
         "in their `source` column whether they are **measured** (CUDA allocator) or **estimated** "
-        "(accounted from the tensors of a real step, per intended device).",
+        "(accounted from the tensors of a real step, per intended device); in the memory plot estimated bars are "
+        "hatched.",
+        *_rss_line(report),
         *_compiled_line(report),
         "",
     ]
