@@ -1,7 +1,12 @@
 """Joining and leaving torchrun's process group, and telling which rank stopped.
 
-* :func:`init_distributed`: NCCL on ``cuda:LOCAL_RANK``, gloo on the CPU, a collective
+* :func:`init_distributed`: on ``cuda:LOCAL_RANK`` one group with two backends,
+  ``cpu:gloo,cuda:nccl`` (NCCL takes CUDA tensors only; gloo carries what lives on the
+  host: barriers, object collectives, CPU tensors), gloo alone on the CPU, and a collective
   timeout after which a collective waiting for a dead or hung rank fails;
+* :func:`all_sum`: the one way the training loop sums over ranks;
+* :func:`is_collective_error`: whether an exception came from a collective (a peer that
+  died or hung, a broken connection), as opposed to this rank's own failure;
 * :func:`close_distributed`: ``destroy_process_group`` on every exit path;
 * :class:`RankLiveness`: each rank's current step in torchrun's store, so that a failed
   collective can name the ranks that stopped making progress.
@@ -21,11 +26,26 @@ import torch.distributed as dist
 
 from .layout import Layout, TorchrunEnv, resolve_layout
 
-__all__ = ["DEFAULT_TIMEOUT_S", "RankLiveness", "close_distributed", "init_distributed", "register_group_holder"]
+__all__ = [
+    "BACKEND_CPU",
+    "BACKEND_CUDA",
+    "DEFAULT_TIMEOUT_S",
+    "RankLiveness",
+    "all_sum",
+    "close_distributed",
+    "init_distributed",
+    "is_collective_error",
+    "register_group_holder",
+]
 
 # Process-group timeout: how long a collective waits for a rank that died or hangs before
 # the job fails with an error (torch's own default is 30 min for gloo, 10 min for NCCL).
 DEFAULT_TIMEOUT_S = 180.0
+
+# The backends: on CUDA, NCCL for CUDA tensors and gloo beside it for everything on the
+# host (NCCL raises on a CPU tensor); on the CPU, gloo alone.
+BACKEND_CUDA = "cpu:gloo,cuda:nccl"
+BACKEND_CPU = "gloo"
 
 # Objects holding process groups (placed models); close_distributed makes them let go.
 _GROUP_HOLDERS: weakref.WeakSet = weakref.WeakSet()
@@ -49,10 +69,61 @@ def init_distributed(devices=None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Layo
     kwargs = {"store": store, "rank": env.rank, "world_size": env.world_size} if store is not None else {}
     if layout.device.type == "cuda":
         torch.cuda.set_device(layout.device)
-        dist.init_process_group("nccl", timeout=timeout, device_id=layout.device, **kwargs)
+        dist.init_process_group(BACKEND_CUDA, timeout=timeout, device_id=layout.device, **kwargs)
     else:
-        dist.init_process_group("gloo", timeout=timeout, **kwargs)
+        dist.init_process_group(BACKEND_CPU, timeout=timeout, **kwargs)
     return layout
+
+
+def _reduce_device(tensor: torch.Tensor) -> torch.device:
+    """Where the default group can reduce ``tensor``: its own device when the group has a
+    backend for that device type, else the first device type it has (a group started
+    elsewhere as NCCL alone: the current CUDA device)."""
+    types = [d.type for d in dist.distributed_c10d._get_default_group()._device_types]
+    if not types or tensor.device.type in types:
+        return tensor.device
+    if types[0] == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(types[0])
+
+
+def all_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over every rank of the default group, on ``tensor``'s device.
+
+    The training loop's collectives all come here: a CUDA tensor is reduced by NCCL
+    without a host sync (the caller reads it when it needs the numbers); a CPU tensor by
+    gloo. Where the group has no backend for the tensor's device (NCCL alone), the tensor
+    goes to one it has and comes back. Outside a process group it is returned as it is."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    device = _reduce_device(tensor)
+    moved = tensor.to(device)
+    dist.all_reduce(moved)
+    return moved.to(tensor.device)
+
+
+def is_collective_error(error: BaseException) -> bool:
+    """True for the errors a collective raises when a peer died, hung past the
+    process-group timeout, or the connection broke: ``torch.distributed.DistError`` and
+    its subclasses, and gloo's transport errors that older releases raise as a plain
+    RuntimeError. This rank's own errors (a shape, out of memory, a bug) are not."""
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(marker in text for marker in _TRANSPORT_MARKERS)
+
+
+# What gloo's and NCCL's failures say (gloo/transport/tcp/pair.cc, ProcessGroupGloo.cpp,
+# ProcessGroupNCCL.cpp) when they arrive as a plain RuntimeError.
+_TRANSPORT_MARKERS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Timed out waiting",
+    "Socket Timeout",
+    "gloo/transport",
+    "NCCL error",
+    "NCCL communicator was aborted",
+)
 
 
 def _attempt_store(env: TorchrunEnv, timeout: datetime.timedelta):

@@ -21,9 +21,9 @@ from torch import nn
 
 from ..errors import Alexnet2gpuError, ConfigError
 from ..parallel import Layout
-from ..parallel.distributed import RankLiveness
+from ..parallel.distributed import RankLiveness, is_collective_error
 
-__all__ = ["Fault", "collective_failure", "diverging_message", "grad_flags", "nonfinite_message", "weights_finite"]
+__all__ = ["Fault", "collective_failure", "diverging_message", "grad_flags", "nonfinite_message", "weights_nonfinite"]
 
 
 @dataclass(frozen=True)
@@ -67,18 +67,28 @@ def _tower_of(name: str) -> str:
     return {"tower_a": "a", "tower_b": "b", "fc8": "a"}.get(head, "a")
 
 
-def grad_flags(placed: nn.Module) -> tuple[float, float]:
-    """(tower a has a non-finite gradient, tower b has one); single-stream nets count as a."""
+def grad_flags(placed: nn.Module, device: torch.device) -> torch.Tensor:
+    """``[tower a has a non-finite gradient, tower b has one]`` as 0/1 float64 on
+    ``device``, computed there without a host sync (read it when the numbers are needed);
+    single-stream nets count as tower a. Each tower's flags are reduced on the tower's own
+    device (``split`` has two) before one small copy to ``device``."""
     finite: dict[str, list[torch.Tensor]] = {"a": [], "b": []}
     for name, p in placed.named_parameters():
         if p.grad is not None:
             finite[_tower_of(name)].append(torch.isfinite(p.grad).all())
-    # one device-to-host read per tower, not one per parameter
-    return tuple(0.0 if not f or bool(torch.stack(f).all()) else 1.0 for f in (finite["a"], finite["b"]))
+    flags = [
+        torch.stack(f).all().logical_not().to(device, torch.float64)
+        if f
+        else torch.zeros((), dtype=torch.float64, device=device)
+        for f in (finite["a"], finite["b"])
+    ]
+    return torch.stack(flags)
 
 
-def weights_finite(placed: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in placed.parameters())
+def weights_nonfinite(placed: nn.Module, device: torch.device) -> torch.Tensor:
+    """1.0 (float64, on ``device``) when any weight is non-finite, else 0.0; no host sync."""
+    bad = [torch.isfinite(p).all().logical_not().to(device) for p in placed.parameters()]
+    return torch.stack(bad).any().to(torch.float64)
 
 
 def nonfinite_message(step: int, bad_loss: float, bad_a: float, bad_b: float, two_towers: bool = True) -> str:
@@ -103,8 +113,9 @@ def diverging_message(step: int, start: float, loss: float, steps: int, lr: floa
 def collective_failure(
     layout: Layout, liveness: RankLiveness | None, step: int, timeout: float, error: RuntimeError
 ) -> Exception:
-    """A failed collective as one line naming the ranks that stopped; other errors as they are."""
-    if not layout.distributed:
+    """A failed collective as one line naming the ranks that stopped; other errors (this
+    rank's own: a shape, out of memory, a bug) as they are, never as a peer's death."""
+    if not layout.distributed or not is_collective_error(error):
         return error
     first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
     where = liveness.silent_ranks(layout.rank) if liveness else ""
