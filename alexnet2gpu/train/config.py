@@ -35,6 +35,7 @@ __all__ = [
     "PLATEAU_PATIENCE",
     "RECIPES",
     "SCHEDULES",
+    "SYNC_EVERY_STEPS",
     "SYNTHETIC_EPOCH_STEPS",
     "SYNTHETIC_EVAL_BATCHES",
     "EvalRecord",
@@ -115,6 +116,12 @@ D2L_PLAIN_SGD_STALLS = ("dual", "half")
 SYNTHETIC_EPOCH_STEPS = 50  # synthetic data has no epochs: evaluate every 50 steps
 SYNTHETIC_EVAL_BATCHES = 2
 NONFINITE_POLICIES = ("stop", "skip")
+# Steps between two host reads of the loss, accuracy and non-finite flags. Each read waits
+# for the device's queue (a host sync), so on a GPU the loop reads once per interval, as
+# nanoGPT reads its loss once per log_interval; checkpoints, evaluations, signals and the
+# run's end read at once. `--on-nonfinite skip` reads every step: it must know before the
+# optimizer steps.
+SYNC_EVERY_STEPS = 10
 
 
 @dataclass
@@ -147,6 +154,7 @@ class TrainConfig:
     workers: int | None = None
     ten_crop: bool = False
     checkpoint_dir: str | None = None
+    interrupt_dir: str | None = None  # without checkpoint_dir: where SIGINT/SIGTERM write the checkpoint
     checkpoint_every: int = 0  # steps; 0: only at the end
     keep: int = 3
     resume: str | bool = False  # a path, True for the newest in checkpoint_dir
@@ -154,6 +162,7 @@ class TrainConfig:
     metrics: str | None = None  # JSONL path
     on_nonfinite: str = "stop"
     timeout: float = 180.0  # process-group timeout in seconds (ranks)
+    sync_every: int = SYNC_EVERY_STEPS  # steps between host reads of the step numbers (one device sync each)
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
@@ -166,7 +175,7 @@ class TrainConfig:
             raise ConfigError(f"unknown --schedule '{self.schedule}': choose one of {', '.join(SCHEDULES)}")
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ConfigError(f"--on-nonfinite must be stop or skip, got '{self.on_nonfinite}'")
-        for name in ("steps", "epochs", "batch_size", "threads", "train_subset"):
+        for name in ("steps", "epochs", "batch_size", "threads", "train_subset", "sync_every"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")

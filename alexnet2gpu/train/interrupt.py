@@ -1,9 +1,11 @@
-"""Ctrl-C and SIGTERM during a run with checkpoints: finish the step, agree on it across
-ranks, write a checkpoint at it, then stop with 130 (SIGINT) or 143 (SIGTERM).
+"""Ctrl-C and SIGTERM during a run: finish the step, agree on it across ranks, write a
+checkpoint at it (in the run's checkpoint folder, or for a run without one in its
+interrupt folder), then stop with 130 (SIGINT) or 143 (SIGTERM).
 
 A handler only records the signal; the loop reads it at the end of each step, and under
-``ranks`` the flag travels in the step's one all-reduce, so every rank stops after the same
-step and the checkpoint holds one consistent state. A second signal while the first is
+``ranks`` the flags are summed over the ranks every step (on the CPU, a host-only
+collective), so every rank stops after the same step and the checkpoint holds one
+consistent state. A second signal while the first is
 being handled stops at once (``KeyboardInterrupt``).
 """
 
@@ -23,8 +25,9 @@ EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
 class Interrupted(Alexnet2gpuError):
     """A run stopped by a signal after writing a checkpoint at ``step``."""
 
-    def __init__(self, signum: int, step: int, checkpoint: str | None) -> None:
+    def __init__(self, signum: int, step: int, checkpoint: str | None, curve: list[dict] | None = None) -> None:
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.curve = list(curve or [])  # the evaluations so far, for the curves the caller draws
         self.exit_code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
         name = signal.Signals(signum).name
         super().__init__(f"stopped by {name} after step {step}; checkpoint {checkpoint}")

@@ -9,10 +9,13 @@ What it does on every process of a job (one process, or torchrun's 2k processes 
 * resolves the :class:`~alexnet2gpu.parallel.Layout` once, builds the data for this
   replica, the net from the run seed, places it and seeds the per-tower dropout
   generators per data-parallel replica (:mod:`.build`);
-* each step: ``forward_loss(...).backward()``, then one all-reduce that carries the loss,
-  the correct count and the non-finite flags, so that every rank agrees whether to step,
-  skip (``on_nonfinite="skip"``) or stop (``"stop"``), and the message names the step
-  and the tower (:mod:`.faults`);
+* each step: ``forward_loss(...).backward()``; the step's loss, correct count and
+  non-finite flags stay on the device (no host sync) until the next sync point, every
+  ``sync_every`` steps and before any checkpoint, evaluation, stop or the end: there one
+  all-reduce carries every pending step's numbers and one host read fetches them, so that
+  every rank agrees whether to stop (``on_nonfinite="stop"``), and the message names the
+  step and the tower (:mod:`.faults`); ``"skip"`` must know before the optimizer steps,
+  so it reads every step. Signals are host flags, agreed on every step over the CPU;
 * evaluates after every epoch (and at the end), steps ``ReduceLROnPlateau`` on the
   validation error (paper recipe);
 * checkpoints what :mod:`.checkpointing` assembles, never a non-finite one;
@@ -26,7 +29,6 @@ one) names the ranks that stopped; ``close_distributed`` runs on every exit path
 
 from __future__ import annotations
 
-import math
 import signal
 import time
 from collections.abc import Callable
@@ -35,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
@@ -45,7 +46,7 @@ from ..errors import Alexnet2gpuError, ConfigError
 from ..io.checkpoints import save_in_directory
 from ..models import seed_dropout
 from ..parallel import Layout, close_distributed, forward_loss, place
-from ..parallel.distributed import RankLiveness
+from ..parallel.distributed import RankLiveness, all_sum
 from .build import RunData, build_data, build_net, build_optimizer, build_scheduler, input_shape, resolve_run_layout
 from .checkpointing import (
     check_resume_config,
@@ -56,7 +57,7 @@ from .checkpointing import (
     resume_source,
 )
 from .config import DIVERGENCE_FACTOR, DIVERGENCE_STEPS, EvalRecord, StepRecord, TrainConfig, TrainResult, cpu_hint
-from .faults import Fault, collective_failure, diverging_message, grad_flags, nonfinite_message, weights_finite
+from .faults import Fault, collective_failure, diverging_message, grad_flags, nonfinite_message, weights_nonfinite
 from .interrupt import Interrupted, StopSignals
 from .metrics import MetricsLog, RunningMeans
 
@@ -73,8 +74,9 @@ def train(
     display on rank 0 (``report.training.TrainingDisplay``); None shows nothing.
     ``on_evaluated(curve)`` is called on rank 0 after each evaluation with the points so
     far, ``{"epoch", "train_loss", "train_accuracy", "test_accuracy"}`` (e.g. to redraw
-    the curves). With ``checkpoint_dir``, SIGINT and SIGTERM end the run with a checkpoint
-    at the current step and :class:`~.interrupt.Interrupted`."""
+    the curves). With ``checkpoint_dir`` (or, for a run without one, ``interrupt_dir``),
+    SIGINT and SIGTERM end the run with a checkpoint at the current step and
+    :class:`~.interrupt.Interrupted`."""
     if config.threads:
         torch.set_num_threads(config.threads)
     layout = resolve_run_layout(config)
@@ -87,6 +89,17 @@ def train(
         raise
     close_distributed(barrier=True)
     return result
+
+
+@dataclass
+class _PendingStep:
+    """A step done whose numbers are still on the device, read at the next sync point."""
+
+    step: int
+    epoch: int
+    lr: float
+    host_seconds: float  # the host's time in the step (on a GPU: launching; the rest shows at the sync)
+    stats: torch.Tensor  # [loss, correct, seen, non-finite loss, ... gradients in tower a, in b], float64
 
 
 @dataclass
@@ -109,6 +122,7 @@ class _Run:
     above_start: int = 0  # steps in a row with the loss above DIVERGENCE_FACTOR x loss_start
     curve: list[dict] = field(default_factory=list)
     compile_seconds: float | None = None
+    pending: list[_PendingStep] = field(default_factory=list)  # steps whose numbers are still on the device
     liveness: RankLiveness | None = None
     fault: Fault | None = None
     step: int = 0
@@ -126,14 +140,6 @@ class _Run:
         """This process holds fc8 and the loss (always, outside ``ranks``)."""
         return self.layout.tower == 0
 
-    def all_sum(self, values: list[float]) -> list[float]:
-        if not self.layout.distributed:
-            return values
-
-        t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t)
-        return t.tolist()
-
 
 def _train(config: TrainConfig, layout: Layout, display_factory, on_evaluated) -> TrainResult:
     run = _prepare(config, layout, display_factory)
@@ -141,7 +147,7 @@ def _train(config: TrainConfig, layout: Layout, display_factory, on_evaluated) -
     try:
         if run.display:
             run.display.start(run.step)
-        if config.checkpoint_dir:
+        if config.checkpoint_dir or config.interrupt_dir:
             with StopSignals() as run.signals:
                 _run_epochs(run)
         else:
@@ -274,7 +280,7 @@ def _run_epochs(run: _Run) -> None:
 
 def _stop_if_signalled(run: _Run) -> None:
     if run.stop_signal:
-        raise Interrupted(run.stop_signal, run.step, run.saved_path)
+        raise Interrupted(run.stop_signal, run.step, run.saved_path, run.curve)
 
 
 def _checkpoint_due(run: _Run) -> bool:
@@ -283,8 +289,19 @@ def _checkpoint_due(run: _Run) -> bool:
 
 
 def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor) -> None:
-    """One optimizer step (or a skipped one), its record written and displayed."""
-    step, layout = run.step + 1, run.layout
+    """One optimizer step; a failed collective in it (or at its sync point) becomes one
+    line naming the ranks that stopped (:func:`.faults.collective_failure`)."""
+    try:
+        _step(run, x, y, run.step + 1)
+    except RuntimeError as error:
+        raise collective_failure(run.layout, run.liveness, run.step + 1, run.config.timeout, error) from None
+
+
+def _step(run: _Run, x: torch.Tensor, y: torch.Tensor, step: int) -> None:
+    """Forward, backward, the optimizer's and scheduler's steps. The step's numbers stay on
+    the device until the next sync point (:func:`_sync`), which writes, displays and checks
+    them."""
+    layout = run.layout
     lr = run.optimizer.param_groups[0]["lr"]  # this step's (a per-step schedule moves it after)
     if run.liveness:
         run.liveness.mark(layout.rank, run.step)
@@ -292,41 +309,67 @@ def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor) -> None:
     x, y = x.to(layout.device, non_blocking=True), y.to(layout.device, non_blocking=True)
     if run.fault:
         run.fault.before_forward(layout, step)
-    try:
-        loss_sum, correct, seen, bad_loss, bad_a, bad_b, sigint, sigterm = _forward_backward(run, x, y, step)
-    except RuntimeError as error:
-        raise collective_failure(layout, run.liveness, step, run.config.timeout, error) from None
-    nonfinite = bool(bad_loss or bad_a or bad_b)
-    if nonfinite:
-        _on_nonfinite(run, nonfinite_message(step, bad_loss, bad_a, bad_b, layout.two_towers), lr)
-    else:
+    stats = _forward_backward(run, x, y, step)
+    run.pending.append(_PendingStep(step, run.epoch, lr, time.perf_counter() - t0, stats))
+    if not (run.config.on_nonfinite == "skip" and _sync(run)):  # skip must know before stepping
         run.optimizer.step()
     if run.scheduler is not None and not isinstance(run.scheduler, ReduceLROnPlateau):
         run.scheduler.step()  # per-step schedules (cosine)
     run.step = step
-    run.stop_signal = signal.SIGINT if sigint else signal.SIGTERM if sigterm else 0
-    dt = time.perf_counter() - t0
-    if run.config.compile and run.compile_seconds is None:
-        run.compile_seconds = dt  # the first step compiles: kept out of images/s
-    else:
-        run.train_seconds += dt
-        run.images += seen
-    record = StepRecord(
-        step=step,
-        epoch=run.epoch,
-        loss=float("nan") if nonfinite else loss_sum / layout.dp_size,
-        accuracy=correct / seen if seen else 0.0,
-        lr=lr,
-        images_per_s=seen / dt if dt > 0 else 0.0,
-        skipped=nonfinite,
-    )
-    if not nonfinite:
-        run.means.add(record.loss, correct, seen)
-    run.metrics.write(record.to_json())
-    if run.display:
-        run.display.update(record)
-    if not nonfinite:
-        _check_divergence(run, record)
+    run.stop_signal = _agreed_signal(run)
+    compiling = run.config.compile and run.compile_seconds is None  # the first step compiles: read it alone
+    if compiling or run.stop_signal or step % run.config.sync_every == 0 or step >= run.total_steps:
+        _sync(run)
+
+
+def _agreed_signal(run: _Run) -> int:
+    """SIGINT or SIGTERM when any rank received one (0: none): host flags, summed over the
+    CPU (gloo) under ``ranks``, so no rank waits for its device."""
+    signum = run.signals.signum if run.signals else 0
+    flags = [float(signum == signal.SIGINT), float(signum == signal.SIGTERM)]
+    if run.layout.distributed:
+        flags = all_sum(torch.tensor(flags, dtype=torch.float64)).tolist()
+    return signal.SIGINT if flags[0] else signal.SIGTERM if flags[1] else 0
+
+
+def _sync(run: _Run) -> bool:
+    """A sync point: one all-reduce of every pending step's numbers and one host read,
+    then each step's record written, displayed and checked in order (non-finite values,
+    divergence). Returns whether the last step read was non-finite (and so skipped)."""
+    if not run.pending:
+        return False
+    pending, run.pending = run.pending, []
+    t0 = time.perf_counter()
+    rows = all_sum(torch.stack([p.stats for p in pending])).tolist()  # the one host sync
+    waited = (time.perf_counter() - t0) / len(pending)  # the device's time not seen while launching
+    nonfinite = False
+    for p, (loss_sum, correct, seen, bad_loss, bad_a, bad_b) in zip(pending, rows):
+        dt = p.host_seconds + waited
+        nonfinite = bool(bad_loss or bad_a or bad_b)
+        if nonfinite:
+            _on_nonfinite(run, nonfinite_message(p.step, bad_loss, bad_a, bad_b, run.layout.two_towers), p)
+        if run.config.compile and run.compile_seconds is None:
+            run.compile_seconds = dt  # the first step compiles: kept out of images/s
+        else:
+            run.train_seconds += dt
+            run.images += seen
+        record = StepRecord(
+            step=p.step,
+            epoch=p.epoch,
+            loss=float("nan") if nonfinite else loss_sum / run.layout.dp_size,
+            accuracy=correct / seen if seen else 0.0,
+            lr=p.lr,
+            images_per_s=seen / dt if dt > 0 else 0.0,
+            skipped=nonfinite,
+        )
+        if not nonfinite:
+            run.means.add(record.loss, correct, seen)
+        run.metrics.write(record.to_json())
+        if run.display:
+            run.display.update(record)
+        if not nonfinite:
+            _check_divergence(run, record)
+    return nonfinite
 
 
 def _check_divergence(run: _Run, record: StepRecord) -> None:
@@ -340,9 +383,10 @@ def _check_divergence(run: _Run, record: StepRecord) -> None:
         raise Alexnet2gpuError(message)
 
 
-def _forward_backward(run: _Run, x: torch.Tensor, y: torch.Tensor, step: int) -> list[float]:
-    """Forward, loss, backward; then one all-reduce of (loss, correct, images, non-finite
-    loss, non-finite gradients in tower a, in tower b), so that every rank decides alike."""
+def _forward_backward(run: _Run, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+    """Forward, loss, backward. Returns ``[loss, correct, images, non-finite loss,
+    non-finite gradients in tower a, in tower b]`` as float64 on the layout's device,
+    computed there: nothing here waits for the device (a CUDA ``float()`` would)."""
     logits_seen: list[torch.Tensor] = []
 
     def criterion(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -356,24 +400,27 @@ def _forward_backward(run: _Run, x: torch.Tensor, y: torch.Tensor, step: int) ->
     loss.backward()
     if run.fault:
         run.fault.spoil_gradients(run.placed, run.layout, step)
-    local_loss = float(loss.detach()) if run.holds_loss else 0.0
-    correct = float((logits_seen[0].argmax(1) == y).sum()) if run.holds_loss else 0.0
-    bad_loss = 0.0 if math.isfinite(local_loss) else 1.0
-    bad_a, bad_b = grad_flags(run.placed)
-    seen = float(len(y)) if run.holds_loss else 0.0
-    signum = run.signals.signum if run.signals else 0
-    flags = [float(signum == signal.SIGINT), float(signum == signal.SIGTERM)]
-    return run.all_sum([0.0 if bad_loss else local_loss, correct, seen, bad_loss, bad_a, bad_b, *flags])
+    device = run.layout.device
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    if run.holds_loss:
+        local_loss = loss.detach().to(device, torch.float64)
+        bad_loss = local_loss.isfinite().logical_not().to(torch.float64)
+        local_loss = torch.where(bad_loss > 0, zero, local_loss)
+        correct = (logits_seen[0].argmax(1) == y).sum().to(device, torch.float64)
+        seen = torch.full((), float(len(y)), dtype=torch.float64, device=device)  # a fill, not a host copy
+    else:
+        local_loss = bad_loss = correct = seen = zero
+    return torch.cat([torch.stack([local_loss, correct, seen, bad_loss]), grad_flags(run.placed, device)])
 
 
-def _on_nonfinite(run: _Run, message: str, lr: float) -> None:
+def _on_nonfinite(run: _Run, message: str, pending: _PendingStep) -> None:
     """Stops the run, or (``--on-nonfinite skip``) drops this step's gradients."""
     policy = run.config.on_nonfinite
-    run.metrics.write({"event": "nonfinite", "step": run.step + 1, "action": policy, "message": message})
+    run.metrics.write({"event": "nonfinite", "step": pending.step, "action": policy, "message": message})
     if policy == "stop":
         raise Alexnet2gpuError(
             f"{message}: stopped, no checkpoint written for it; the likely cause is a learning rate too high "
-            f"for this net and data: try --lr {lr / 3:.2g} (or --on-nonfinite skip to skip such steps)"
+            f"for this net and data: try --lr {pending.lr / 3:.2g} (or --on-nonfinite skip to skip such steps)"
         )
     run.optimizer.zero_grad(set_to_none=True)
     run.skipped += 1
@@ -383,10 +430,11 @@ def _on_nonfinite(run: _Run, message: str, lr: float) -> None:
 
 def _save(run: _Run) -> None:
     """A checkpoint at the current step (rank 0 writes it); never of non-finite weights."""
-    directory = run.config.checkpoint_dir
+    _sync(run)  # the steps before it written and checked first
+    directory = run.config.checkpoint_dir or (run.config.interrupt_dir if run.stop_signal else None)
     if not directory:
         return
-    if run.all_sum([0.0 if weights_finite(run.placed) else 1.0])[0] != 0.0:
+    if float(all_sum(weights_nonfinite(run.placed, run.layout.device))) != 0.0:
         raise Alexnet2gpuError(
             f"the weights are non-finite at step {run.step}: no checkpoint written "
             f"(the previous one in {directory} is kept)"
@@ -400,6 +448,7 @@ def _save(run: _Run) -> None:
 
 def _evaluate(run: _Run, epoch_complete: bool) -> None:
     """Test accuracy, written and displayed; then the plateau scheduler's step."""
+    _sync(run)  # the running means below include every step so far
     accuracy, images = _test_accuracy(run)
     run.test_accuracy = accuracy
     run.metrics.write(EvalRecord(step=run.step, epoch=run.epoch, test_accuracy=accuracy, test_images=images).to_json())
@@ -419,14 +468,16 @@ def _evaluate(run: _Run, epoch_complete: bool) -> None:
 
 @torch.no_grad()
 def _test_accuracy(run: _Run) -> tuple[float, int]:
-    """Test accuracy over the whole test split (the replicas' shards summed)."""
+    """Test accuracy over the whole test split (the replicas' shards summed), counted on
+    the device and read once at the end."""
     run.placed.eval()
-    correct = total = 0.0
+    device = run.layout.device
+    counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, images
     for x, y in run.data.test:
-        x, y = x.to(run.layout.device, non_blocking=True), y.to(run.layout.device, non_blocking=True)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         scores = ten_crop_predict(run.placed, x) if run.data.ten_crop else run.placed(x)
         if run.holds_loss:
-            correct += float((scores.argmax(1) == y).sum())
-            total += len(y)
-    correct, total = run.all_sum([correct, total])
+            counts[0] += (scores.argmax(1) == y).sum()
+            counts[1] += len(y)
+    correct, total = all_sum(counts).tolist()
     return (correct / total if total else float("nan")), int(total)
