@@ -213,6 +213,81 @@ def test_split_counts_the_designs_bytes_per_image():
     assert placed.exchange_counter.transfers == 14  # 7 forward, 7 backward
 
 
+def backward_by_hand(loss: torch.Tensor) -> None:
+    """``loss.backward()`` without the autograd engine, for fake CUDA tensors on a machine
+    without a GPU (there the engine asks the CUDA driver about the device and fails:
+    "hasPrimaryContext expects a valid device index"). Each node runs once, after every
+    node that feeds it a gradient (reverse post-order of the graph), and each gradient is
+    summed to its input's shape, as the engine does; unlike the engine (which lets tensor
+    subclasses through) every gradient must already be on its input's device."""
+    order, seen = [], set()
+
+    def visit(node):
+        if node is not None and node not in seen:
+            seen.add(node)
+            for next_node, _ in node.next_functions:
+                visit(next_node)
+            order.append(node)
+
+    visit(loss.grad_fn)
+    pending = {loss.grad_fn: [torch.ones_like(loss)]}
+    for node in reversed(order):
+        grads = pending.pop(node)
+        outputs = (node if callable(node) else node.apply)(*grads)  # custom Functions: apply
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        for (next_node, slot), grad in zip(node.next_functions, outputs):
+            if next_node is None or grad is None:
+                continue
+            expected = next_node._input_metadata[slot]
+            assert grad.device == expected.device, (node.name(), grad.device, expected.device)
+            inputs = pending.setdefault(next_node, [None] * len(next_node._input_metadata))
+            grad = grad.sum_to_size(expected.shape)
+            inputs[slot] = grad if inputs[slot] is None else inputs[slot] + grad
+
+
+@pytest.mark.parametrize(
+    "kwargs, bytes_per_image",
+    [
+        # at 1/16: exchange 1 8x3x3, 2 8, 3 128 values each way, 4 128 from b; float32
+        (TINY, 2 * 4 * (2 * (8 * 3 * 3 + 8 + 128) + 128)),
+        ({}, 468_992),  # DESIGN.md section 3, at full size
+    ],
+    ids=["tiny", "full-size"],
+)
+def test_split_across_one_gpu_and_the_cpu_under_fake_tensors(kwargs, bytes_per_image):
+    """On a machine with one GPU, split on cuda:0,cpu is a real cross-device run: the
+    forward, the loss on cuda:0 and the backward raise no device mismatch, every gradient
+    lies on its parameter's device, and the counted bytes are the design's."""
+    model, batch = plan_split(**kwargs), 2
+    size = model.image_size
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        placed = place(model, "split", ["cuda:0", "cpu"])
+        assert {str(p.device) for p in placed.tower_b.parameters()} == {"cpu"}
+        assert {str(p.device) for p in [*placed.tower_a.parameters(), *placed.fc8.parameters()]} == {"cuda:0"}
+        x = torch.empty(batch, 3, size, size, device="cuda:0")
+        y = torch.zeros(batch, dtype=torch.long, device="cuda:0")
+        placed.train()  # dropout included
+        loss = forward_loss(placed, x, y)
+        assert str(loss.device) == "cuda:0"
+        assert placed.exchange_counter.bytes == batch * bytes_per_image // 2  # the forward's half
+        backward_by_hand(loss)
+        for name, p in placed.named_parameters():
+            assert p.grad is not None and p.grad.device == p.device and p.grad.shape == p.shape, name
+    assert placed.exchange_counter.bytes == batch * bytes_per_image
+    assert placed.exchange_counter.transfers == 14  # 7 forward, 7 backward
+
+
+def test_a_gradient_left_on_the_wrong_device_is_caught(monkeypatch):
+    """backward_by_hand can fail: a send whose backward forgets to copy the gradient back."""
+    monkeypatch.setattr(split_mod._Send, "backward", staticmethod(lambda ctx, grad: (grad, None, None)))
+    model = plan_split(**TINY)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        placed = place(model, "split", ["cuda:0", "cpu"])
+        loss = forward_loss(placed, torch.empty(2, 3, 64, 64, device="cuda:0"), torch.zeros(2, dtype=torch.long))
+        with pytest.raises(AssertionError, match="_SendBackward"):
+            backward_by_hand(loss)
+
+
 def test_auto_says_what_it_chose_and_why(tiny_dual, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     placed = place(tiny_dual, "auto")

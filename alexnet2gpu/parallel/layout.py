@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ConfigError
+from .names import PLACEMENTS, TWO_TOWER_PLACEMENTS
 
 __all__ = [
     "PLACEMENTS",
@@ -44,8 +45,6 @@ __all__ = [
 
 log = logging.getLogger("alexnet2gpu")
 
-TWO_TOWER_PLACEMENTS = ("towers", "grouped", "split", "ranks")
-PLACEMENTS = ("auto", *TWO_TOWER_PLACEMENTS, "single")
 _DEVICES_NEEDED = {"towers": 1, "grouped": 1, "split": 2, "ranks": 1, "single": 1}
 _LAUNCH_HINT = (
     "launch one process per tower with torchrun, e.g. "
@@ -55,11 +54,13 @@ _LAUNCH_HINT = (
 
 @dataclass(frozen=True)
 class TorchrunEnv:
-    """What torchrun told this process: rank, local rank and world size."""
+    """What torchrun told this process: rank, local rank, world size, and how many
+    processes run on this node (``LOCAL_WORLD_SIZE``, torchrun's ``--nproc-per-node``)."""
 
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    local_world_size: int = 1
 
     @classmethod
     def from_environ(cls) -> TorchrunEnv:
@@ -67,6 +68,7 @@ class TorchrunEnv:
             rank=int(os.environ.get("RANK", "0")),
             local_rank=int(os.environ.get("LOCAL_RANK", "0")),
             world_size=int(os.environ.get("WORLD_SIZE", "1")),
+            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
         )
 
     @property
@@ -120,6 +122,15 @@ class Layout:
             )
         if not 0 <= self.rank < self.world_size:
             raise ConfigError(f"rank {self.rank} is outside world size {self.world_size}")
+        if self.placement == "split" and self.devices[0] == self.devices[1] and self.device.type == "cuda":
+            # On one GPU the "exchanges" copy nothing, yet the counter would report their bytes as
+            # sent; cpu,cpu stays allowed: it is split's CPU test, counting what two GPUs would send.
+            raise ConfigError(
+                f"placement 'split' on {self.device},{self.device} runs both towers on one GPU with no "
+                "copies between devices, yet would count their bytes as exchanged: use two GPUs "
+                f"(cuda:0,cuda:1), {self.device},cpu for a real cross-device run on one GPU, or "
+                "--placement grouped on the one GPU"
+            )
 
     @property
     def distributed(self) -> bool:
@@ -229,25 +240,68 @@ def _choose_auto(two_tower: bool, env: TorchrunEnv) -> tuple[str, list[torch.dev
     return "grouped", [torch.device("cpu")], "no CUDA device: the fused grouped net on the CPU"
 
 
-def _local_device(devices: list[torch.device] | None, env: TorchrunEnv) -> torch.device:
+def _local_device(devices: list[torch.device] | None, local_rank: int) -> torch.device:
     """``cuda:LOCAL_RANK`` where CUDA exists, else the CPU; ``devices`` overrides: one device
     for every process (e.g. ``cpu``), or one per local rank."""
     if devices is None:
-        return torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if len(devices) == 1:
         return devices[0]
-    if env.local_rank < len(devices):
-        return devices[env.local_rank]
+    if local_rank < len(devices):
+        return devices[local_rank]
     raise ConfigError(
-        f"--devices lists {len(devices)} devices but this is local rank {env.local_rank}: "
+        f"--devices lists {len(devices)} devices but this is local rank {local_rank}: "
         "give one device for every process (e.g. cpu) or one per local rank"
     )
 
 
-def _ranks_layout(devices: list[torch.device] | None, env: TorchrunEnv, reason: str) -> Layout:
+def _one_gpu_hint(processes: int) -> str:
+    return (
+        f"use a machine with {processes} GPUs, or --devices cpu to run the ranks on the CPU with gloo, "
+        "or run without torchrun with --placement grouped (or towers) on one GPU"
+    )
+
+
+def _check_one_process_per_gpu(devices: list[torch.device] | None, env: TorchrunEnv, plan: bool) -> None:
+    """NCCL takes one process per GPU ("Duplicate GPU detected" otherwise): refuses a CUDA
+    device that two local ranks of this node would share, and (unless ``plan``) a local
+    rank whose GPU this machine lacks, e.g. ``cuda:LOCAL_RANK`` with more processes than
+    GPUs. Every local rank checks the whole node, so all of them refuse with one line."""
+    processes = max(env.local_world_size, env.local_rank + 1)
+    count = torch.cuda.device_count()
+    if devices is None:
+        if plan or not torch.cuda.is_available() or processes <= count:
+            return
+        raise ConfigError(
+            f"placement 'ranks' runs one process per GPU: {processes} processes on this node "
+            f"(torchrun --nproc-per-node {processes}) need cuda:0 to cuda:{processes - 1} and this machine "
+            f"has {count} CUDA device(s): {_one_gpu_hint(processes)}"
+        )
+    known = range(processes) if len(devices) == 1 else range(min(processes, len(devices)))
+    sharing: dict[torch.device, list[int]] = {}
+    for local_rank in known:
+        device = _local_device(devices, local_rank)
+        if device.type == "cuda":
+            sharing.setdefault(device, []).append(local_rank)
+    for device, ranks in sharing.items():
+        if len(ranks) > 1:
+            raise ConfigError(
+                "placement 'ranks' runs one process per GPU and NCCL refuses two processes on one GPU "
+                f"({device} for local ranks {', '.join(map(str, ranks[:-1]))} and {ranks[-1]}): "
+                f"{_one_gpu_hint(processes)}"
+            )
+        if not plan and device.index >= count:
+            raise ConfigError(
+                f"placement 'ranks' puts local rank {ranks[0]} on {device} and this machine has {count} "
+                f"CUDA device(s): {_one_gpu_hint(processes)}"
+            )
+
+
+def _ranks_layout(devices: list[torch.device] | None, env: TorchrunEnv, reason: str, plan: bool) -> Layout:
     if not env.launched:
         raise ConfigError(f"placement 'ranks' runs one tower per process and needs torchrun: {_LAUNCH_HINT}")
-    device = _local_device(devices, env)
+    _check_one_process_per_gpu(devices, env, plan)
+    device = _local_device(devices, env.local_rank)
     return Layout(
         "ranks",
         (device,),
@@ -286,7 +340,7 @@ def resolve_layout(
             "runs on one device: use --placement auto (or single)"
         )
     if placement == "ranks":
-        layout = _ranks_layout(devices, env, reason)
+        layout = _ranks_layout(devices, env, reason, plan)
     else:
         if devices is None and placement == "split":
             count = torch.cuda.device_count()

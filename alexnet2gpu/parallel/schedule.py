@@ -6,6 +6,8 @@ supplies its :class:`~alexnet2gpu.models.dual.Exchange` and the columns it runs.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
@@ -17,18 +19,34 @@ __all__ = ["ExchangeCounter", "PlacedDual"]
 
 class ExchangeCounter:
     """Bytes that crossed between the towers' devices, forward and backward, counted at
-    the exchanges themselves (so ``split`` on ``cpu,cpu`` counts what two GPUs would send)."""
+    the exchanges themselves (so ``split`` on ``cpu,cpu`` counts what two GPUs would send).
+
+    Thread-safe: on two GPUs the autograd engine runs the backward in one thread per
+    device, and both threads count the gradients they send back (a ``+=`` on an attribute
+    is a read and a write, between which another thread may run)."""
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
         self.bytes = 0
         self.transfers = 0
 
     def add(self, tensor: torch.Tensor) -> None:
-        self.bytes += tensor.numel() * tensor.element_size()
-        self.transfers += 1
+        size = tensor.numel() * tensor.element_size()
+        with self._lock:
+            self.bytes += size
+            self.transfers += 1
 
     def reset(self) -> None:
-        self.bytes = self.transfers = 0
+        with self._lock:
+            self.bytes = self.transfers = 0
+
+    def __getstate__(self) -> dict:  # a lock does not copy or pickle: a copy gets its own
+        with self._lock:
+            return {"bytes": self.bytes, "transfers": self.transfers}
+
+    def __setstate__(self, state: dict) -> None:
+        self._lock = threading.Lock()
+        self.bytes, self.transfers = state["bytes"], state["transfers"]
 
 
 class PlacedDual(nn.Module):

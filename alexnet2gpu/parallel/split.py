@@ -57,7 +57,12 @@ class SplitDualAlexNet(PlacedDual):
     """Tensors cross between the devices only at the exchanges: the image to tower b, each
     tower's output to the other device at exchanges 1-3 (conv3, fc6, fc7), and tower b's
     fc7 output to the first device for fc8 (exchange 4). Kernels are launched
-    asynchronously, so on two GPUs the towers compute at the same time."""
+    asynchronously, so on two GPUs the towers compute at the same time.
+
+    The two devices need not be of one type: on a machine with one GPU, ``cuda:0,cpu``
+    runs the same copies, forward and backward, for real between two devices (tower b on
+    the CPU). ``cpu,cpu`` copies nothing but counts what two GPUs would send; the same GPU
+    twice is refused (:class:`~.layout.Layout`)."""
 
     def __init__(self, model: DualAlexNet, layout: Layout) -> None:
         super().__init__(model, layout)
