@@ -203,7 +203,7 @@ def test_an_unusable_out_folder_is_refused_before_measuring(tmp_path, capsys, mo
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     measured = []
-    monkeypatch.setattr(compare_cli, "run_compare", lambda *a, **k: measured.append(1))
+    monkeypatch.setattr(compare_mod, "run_compare", lambda *a, **k: measured.append(1))
     assert main(["compare", "--out", str(blocker / "out")]) == 2
     err = capsys.readouterr().err
     assert f"--out {blocker / 'out'}" in err and "Traceback" not in err and not measured
@@ -255,7 +255,7 @@ def test_quick_writes_to_its_own_folder(monkeypatch, tmp_path):
     compare_cli.add_arguments(parser)
     written = []
     monkeypatch.setattr(compare_cli, "check_output_dir", lambda out, flag: written.append(out))
-    monkeypatch.setattr(compare_cli, "run_compare", lambda *a, **k: None)
+    monkeypatch.setattr(compare_mod, "run_compare", lambda *a, **k: None)  # cli.compare imports it in run()
     for argv, out in ((["--quick"], "compare-out/quick"), ([], "compare-out"), (["--quick", "--out", "x"], "x")):
         compare_cli.run(parser.parse_args(argv))
         assert written.pop() == out
@@ -290,3 +290,33 @@ def test_throughput_plot_starts_at_zero_and_says_what_the_error_bars_are(report,
     if torch.cuda.device_count() < 2:
         notes = " ".join(t.get_text() for t in fig.texts)
         assert "not measured here" in notes and "dual/split" in notes
+
+
+@pytest.mark.parametrize(
+    "gpus, where",
+    [(0, "on the CPU (gloo)"), (2, "on cuda:0 and cuda:1 (NCCL)"), (4, "on cuda:0 and cuda:1 (NCCL)")],
+)
+def test_the_ranks_note_says_where_the_launched_workers_run(gpus, where, monkeypatch):
+    """The workers get no --devices: cuda:LOCAL_RANK where CUDA exists (NCCL), else the CPU (gloo)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    job_notes = []
+
+    def fake_job(argv, out, notes, **job):
+        notes.append("`bench`: a worker exited abnormally")
+        job_notes.append(argv[0])
+        return {"results": []}
+
+    monkeypatch.setattr(compare_mod, "run_torchrun_job", fake_job)
+    variant = compare_mod._run_ranks(CompareConfig(variants=["dual/ranks"], overhead=False, **TINY), compiled=True)
+    assert job_notes == ["bench"]
+    assert variant.note == (
+        f"2 processes launched with torch.distributed.run, one tower each, {where}; `bench`: a worker exited abnormally"
+    )
+
+
+def test_one_gpu_skips_ranks_which_puts_one_tower_per_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    run, notes = compare_mod.plan_variants(CompareConfig(variants=["dual/ranks", "dual/towers"]))
+    assert run == ["dual/towers"]
+    assert notes["dual/ranks"] == "skipped: ranks puts one tower per GPU and this machine has 1 GPU"

@@ -1,4 +1,6 @@
-"""Flags shared by the sub-commands: the model and its sizes, the placement and devices."""
+"""Flags shared by the sub-commands: the model and its sizes, the placement and devices.
+Torch-free, as every module's top in this package: the flags parse, and a bad one is
+refused, before torch loads."""
 
 from __future__ import annotations
 
@@ -7,8 +9,8 @@ import os
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..models import MODEL_NAMES
-from ..parallel import PLACEMENTS
+from ..models.names import MODEL_NAMES
+from ..parallel.names import PLACEMENTS
 
 __all__ = ["add_model_arguments", "add_placement_arguments", "check_output_dir", "check_output_file", "model_kwargs"]
 

@@ -7,14 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from ..errors import Alexnet2gpuError, ConfigError
-from ..measure.bench import MODES, bench_placed, measure_overhead
-from ..measure.timing import machine_info
-from ..measure.workload import compile_placed, parse_batch_sizes
-from ..models import build_model
-from ..parallel import TorchrunEnv, close_distributed, place
 from .arguments import add_model_arguments, add_placement_arguments, model_kwargs
 
 
@@ -60,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _overhead(args: argparse.Namespace, placed, batch_size: int, kwargs: dict, show: bool):
     """The harness against a plain PyTorch loop on the same device and first batch size."""
+    from ..measure.bench import measure_overhead
     from ..report.bench import progress_bar
 
     if placed.layout.towers_apart:
@@ -79,6 +73,7 @@ def _overhead(args: argparse.Namespace, placed, batch_size: int, kwargs: dict, s
 
 
 def _write(path: str, results, overhead, machine: dict) -> None:
+    import torch
 
     from ..report import write_json
 
@@ -92,7 +87,13 @@ def _write(path: str, results, overhead, machine: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
 
+    from ..measure.bench import MODES, bench_placed
+    from ..measure.timing import machine_info
+    from ..measure.workload import compile_placed, parse_batch_sizes
+    from ..models import build_model
+    from ..parallel import TorchrunEnv, close_distributed, place
     from ..report.bench import progress_bar, render_bench, render_overhead
 
     if args.threads is not None:

@@ -12,13 +12,7 @@ import argparse
 import shlex
 import sys
 
-import torch
-
 from ..errors import Alexnet2gpuError
-from ..measure.compare import plan_variants, run_compare, units_of_work
-from ..measure.matrix import CompareConfig
-from ..measure.workload import parse_batch_sizes
-from ..parallel import TorchrunEnv
 from .arguments import check_output_dir
 
 FULL_OUT, QUICK_OUT = "compare-out", "compare-out/quick"
@@ -77,6 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
+    from ..measure.matrix import CompareConfig
+    from ..measure.workload import parse_batch_sizes
 
     overrides = {}
     if args.variants:
@@ -93,7 +89,10 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
 
+    from ..measure.compare import plan_variants, run_compare, units_of_work
+    from ..parallel import TorchrunEnv
     from ..report.bench import progress_bar
     from ..report.compare import render_compare, write_compare
 

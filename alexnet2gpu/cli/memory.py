@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from ..errors import Alexnet2gpuError, ConfigError
-from ..measure.memory import check_estimator, run_memory
-from ..parallel import TorchrunEnv, close_distributed
 from .arguments import add_model_arguments, add_placement_arguments, model_kwargs
 
 
@@ -46,6 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..measure.memory import check_estimator, run_memory
+    from ..parallel import TorchrunEnv, close_distributed
 
     if args.threads is not None:
         if args.threads < 1:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..checks.summary import plan_summary
 from .arguments import add_model_arguments, add_placement_arguments, check_output_file, model_kwargs
 
 
@@ -17,6 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checks.summary import plan_summary
     from ..report import write_json
     from ..report.summary import render_layer_table
 

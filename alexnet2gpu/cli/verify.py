@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..checks.verify import TOLERANCE, available_placements, check_placement
 from .arguments import check_output_file
 
 
@@ -24,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checks.verify import TOLERANCE, available_placements, check_placement
     from ..report import write_json
     from ..report.summary import render_checks
 

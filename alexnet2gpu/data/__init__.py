@@ -11,12 +11,20 @@ paper's augmentation, and synthetic batches (:mod:`alexnet2gpu.data.synthetic`).
 Modules: :mod:`.fashion_mnist` (checked IDX reader, batched resize), :mod:`.imagefolder`
 (augmentation, PCA colour noise, 10-crop evaluation), :mod:`.loaders` (sharding over
 data-parallel replicas, resumable position).
+
+Importing this package loads neither torch nor torchvision: its names load on first use
+(PEP 562).
 """
 
-from .fashion_mnist import FashionMNIST, find_fashion_mnist, load_fashion_mnist_split, read_idx
-from .imagefolder import PCALighting, build_folder_datasets, load_image, ten_crop_predict
-from .loaders import EpochLoader, Loaders, build_loaders
+from .._lazy import lazy_getattr
 
+# Loaded, with torch, on first use: submodule -> the names it gives this package.
+_LAZY = {
+    ".fashion_mnist": ("FashionMNIST", "find_fashion_mnist", "load_fashion_mnist_split", "read_idx"),
+    ".imagefolder": ("PCALighting", "build_folder_datasets", "load_image", "ten_crop_predict"),
+    ".loaders": ("EpochLoader", "Loaders", "build_loaders"),
+}
+__getattr__ = lazy_getattr(__name__, _LAZY)
 __all__ = [
     "EpochLoader",
     "FashionMNIST",

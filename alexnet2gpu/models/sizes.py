@@ -11,22 +11,12 @@ import math
 import torch
 
 from ..errors import ConfigError
+from .names import DEFAULTS, MODEL_NAMES
 
 __all__ = ["DEFAULTS", "MODEL_NAMES", "POOL_KERNEL", "POOL_STRIDE", "smallest_image_size"]
 
 # Overlapping pooling, [paper] section 3.4: z=3, s=2.
 POOL_KERNEL, POOL_STRIDE = 3, 2
-
-# Defaults per model: (in_channels, num_classes, image_size).
-# 227 for the 2012 nets: the released code fed 224 crops and let conv1's last window run
-# 3 pixels off the edge (see layers.Conv1Padding); Caffe's bvlc_alexnet feeds 227.
-DEFAULTS = {
-    "dual": (3, 1000, 227),
-    "half": (3, 1000, 227),
-    "torchvision": (3, 1000, 227),
-    "simplified": (1, 10, 224),  # [d2l] Fashion-MNIST resized to 224
-}
-MODEL_NAMES = tuple(DEFAULTS)
 
 
 def scaled(width: int, multiplier: float) -> int:

@@ -7,25 +7,29 @@
 * :mod:`.grouped`, :mod:`.split`, :mod:`.ranks`: each supplies only its exchange;
 * :mod:`.distributed`: process groups, the store, which rank stopped;
 * :mod:`.state`: the full state dict in every placement;
-* :mod:`.loss`: the loss, computed once, on the device that holds fc8.
+* :mod:`.loss`: the loss, computed once, on the device that holds fc8;
+* :mod:`.names`: the placements' names, without torch (the command line's choices).
+
+Importing this package loads no torch: the rest loads on first use of one of its names
+(PEP 562's module ``__getattr__``), so ``alexnet2gpu --help`` answers at once.
 """
 
-from .distributed import DEFAULT_TIMEOUT_S, close_distributed, init_distributed
-from .layout import (
-    PLACEMENTS,
-    TWO_TOWER_PLACEMENTS,
-    Layout,
-    TorchrunEnv,
-    default_device,
-    own_forward_placement,
-    parse_devices,
-    resolve_layout,
-)
-from .loss import forward_loss
-from .place import devices_of, place
-from .schedule import ExchangeCounter
-from .state import full_state_dict, load_full_state_dict
+import sys
+import types
 
+from .._lazy import lazy_getattr
+from .names import PLACEMENTS, TWO_TOWER_PLACEMENTS
+
+# Loaded, with torch, on first use: submodule -> the names it gives this package.
+_LAZY = {
+    ".distributed": ("DEFAULT_TIMEOUT_S", "close_distributed", "init_distributed"),
+    ".layout": ("Layout", "TorchrunEnv", "default_device", "own_forward_placement", "parse_devices", "resolve_layout"),
+    ".loss": ("forward_loss",),
+    ".place": ("devices_of", "place"),
+    ".schedule": ("ExchangeCounter",),
+    ".state": ("full_state_dict", "load_full_state_dict"),
+}
+__getattr__ = lazy_getattr(__name__, _LAZY)
 __all__ = [
     "DEFAULT_TIMEOUT_S",
     "PLACEMENTS",
@@ -45,3 +49,16 @@ __all__ = [
     "place",
     "resolve_layout",
 ]
+
+
+class _Package(types.ModuleType):
+    """Loading the submodule :mod:`.place` binds it on this package under its name (the
+    import system does that); ``place`` stays the function, as with an eager import."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "place" and isinstance(value, types.ModuleType):
+            value = value.place
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -7,10 +7,18 @@
 * :mod:`.metrics`: the metrics JSONL and the running means;
 * :mod:`.faults`: non-finite values, dead or hung ranks, and test-only fault injection.
 
-A new recipe: one entry in :data:`.config.RECIPES`, each constant cited.
+A new recipe: one entry in :data:`.config.RECIPES`, each constant cited, and its name in
+:data:`.names.RECIPE_NAMES` (the command line's choices, without torch).
+
+Importing this package loads no torch: its names load on first use (PEP 562).
 """
 
-from .config import RECIPES, Recipe, TrainConfig, TrainResult
-from .loop import train
+from .._lazy import lazy_getattr
 
+# Loaded, with torch, on first use: submodule -> the names it gives this package.
+_LAZY = {
+    ".config": ("RECIPES", "Recipe", "TrainConfig", "TrainResult"),
+    ".loop": ("train",),
+}
+__getattr__ = lazy_getattr(__name__, _LAZY)
 __all__ = ["RECIPES", "Recipe", "TrainConfig", "TrainResult", "train"]
