@@ -14,9 +14,10 @@ Exchanges ([paper] section 3.5, figure 2):
   gradient at all. (``_functional_collectives.all_gather_single_autograd`` computes the
   same, but with gloo and torch 2.14 its asynchronous work made about one run in five
   abort at exit, "terminate called without an active exception"; the synchronous
-  ``all_gather_single`` / ``reduce_scatter_single`` pair never did in our runs. They are
-  torch 2.14's names for ``all_gather_into_tensor`` / ``reduce_scatter_tensor``, which
-  now print a FutureWarning.)
+  ``all_gather_single`` / ``reduce_scatter_single`` pair never did in our runs. They came
+  with torch 2.13 as the new names for ``all_gather_into_tensor`` / ``reduce_scatter_tensor``,
+  which 2.14 marks deprecated (a FutureWarning); on torch 2.11-2.12, which lack the new
+  names, :func:`select_collectives` falls back to the old ones, the same operations.)
 * 4 (fc8 reads both towers, on the first device): tower b's fc7 output goes to tower rank
   0 by ``dist.send``/``dist.recv`` (:class:`_SendToTowerA` / :class:`_ReceiveFromTowerB`);
   backward returns its gradient the same way.
@@ -56,11 +57,26 @@ __all__ = ["RanksDualAlexNet", "place_ranks"]
 TOWER_NAMES = ("tower_a", "tower_b")
 
 
+def select_collectives(module=dist):
+    """The (all-gather, reduce-scatter) pair into / out of one flat tensor, from ``module``
+    (``torch.distributed``): ``all_gather_single`` / ``reduce_scatter_single`` where they
+    exist (torch 2.13 on, where the old names are deprecated), else ``all_gather_into_tensor``
+    / ``reduce_scatter_tensor`` (torch 2.11-2.12, the floor in pyproject.toml): the same
+    operations with the same arguments under their older names."""
+    if hasattr(module, "all_gather_single") and hasattr(module, "reduce_scatter_single"):
+        return module.all_gather_single, module.reduce_scatter_single
+    return module.all_gather_into_tensor, module.reduce_scatter_tensor
+
+
+# Chosen once, at import: torch 2.11-2.12 have only the old names (issue 15).
+_all_gather_single, _reduce_scatter_single = select_collectives()
+
+
 class _GatherTowers(torch.autograd.Function):
     """Exchanges 1-3: ``[tower a | tower b]`` along dim 1 on both tower ranks, from each
-    rank's own ``[N, C, ...]`` output (``dist.all_gather_single``). Backward is a
-    reduce-scatter (``dist.reduce_scatter_single``, SUM): each tower's gradient is the sum of
-    what both towers' next layers send back for its half."""
+    rank's own ``[N, C, ...]`` output (``all_gather_single``). Backward is a reduce-scatter
+    (``reduce_scatter_single``, SUM): each tower's gradient is the sum of what both towers'
+    next layers send back for its half. Both from :func:`select_collectives`."""
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, group, counter: ExchangeCounter) -> torch.Tensor:
@@ -68,7 +84,7 @@ class _GatherTowers(torch.autograd.Function):
         tensor = tensor.contiguous()
         counter.add(tensor)  # sent to the other tower
         gathered = tensor.new_empty((2 * tensor.shape[0], *tensor.shape[1:]))
-        dist.all_gather_single(gathered, tensor, group=group)  # [a; b] along dim 0
+        _all_gather_single(gathered, tensor, group=group)  # [a; b] along dim 0
         return torch.cat(gathered.chunk(2), dim=1)
 
     @staticmethod
@@ -76,7 +92,7 @@ class _GatherTowers(torch.autograd.Function):
         halves = torch.cat(grad.chunk(2, dim=1), dim=0).contiguous()  # [grad for a; grad for b]
         mine = halves.new_empty((halves.shape[0] // 2, *halves.shape[1:]))
         ctx.counter.add(mine)  # the other tower's half goes to it
-        dist.reduce_scatter_single(mine, halves, group=ctx.group)
+        _reduce_scatter_single(mine, halves, group=ctx.group)
         return mine, None, None
 
 
