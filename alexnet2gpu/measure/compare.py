@@ -21,6 +21,7 @@ from dataclasses import asdict
 import torch
 
 from ..parallel import TorchrunEnv, close_distributed
+from ..parallel.layout import _local_device
 from .accounting import MemoryReport
 from .bench import BenchResult, OverheadResult, measure_overhead, run_bench
 from .launch import run_torchrun_job
@@ -104,8 +105,21 @@ def _run_ranks(config: CompareConfig, compiled: bool) -> Variant:
                 run_torchrun_job(memory_argv, os.path.join(tmp, "memory.json"), notes, **job)
             )
     results = [BenchResult(**r) for r in bench["results"]]
-    note = "2 processes launched with torch.distributed.run (gloo on the CPU), one tower each"
-    return _variant("dual/ranks" + (COMPILED if compiled else ""), report, results, "; ".join([note, *notes]))
+    return _variant("dual/ranks" + (COMPILED if compiled else ""), report, results, "; ".join([_ranks_note(), *notes]))
+
+
+def _ranks_note(nproc: int = 2) -> str:
+    """Where the launched job runs, by the workers' own rule: they get no ``--devices``, so
+    each takes its local rank's default (:func:`alexnet2gpu.parallel.layout._local_device`:
+    cuda:LOCAL_RANK where CUDA exists, else the CPU), and the towers' tensors go through
+    NCCL on CUDA, gloo on the CPU (as :meth:`~alexnet2gpu.parallel.Layout.describe` says).
+    On one GPU :func:`plan_variants` skips dual/ranks: rank 1 would want a cuda:1 that is not there."""
+    devices = [_local_device(None, local_rank) for local_rank in range(nproc)]
+    if all(d.type == "cpu" for d in devices):
+        where = "on the CPU (gloo)"
+    else:
+        where = f"on {', '.join(map(str, devices[:-1]))} and {devices[-1]} (NCCL)"
+    return f"{nproc} processes launched with torch.distributed.run, one tower each, {where}"
 
 
 def _run_ranks_here(config: CompareConfig, on_repeat: Callable[[], None] | None, compiled: bool) -> Variant:
