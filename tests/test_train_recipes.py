@@ -201,7 +201,7 @@ def test_every_model_gets_the_papers_biases_and_the_cfg_stds_by_layer(name):
 
 
 def test_a_loss_far_above_its_start_for_many_steps_stops_naming_the_flag(monkeypatch):
-    from alexnet2gpu.train import loop
+    from alexnet2gpu.train.sync import check_divergence
 
     class Run:
         loss_start, above_start = None, 0
@@ -210,9 +210,9 @@ def test_a_loss_far_above_its_start_for_many_steps_stops_naming_the_flag(monkeyp
     run = Run()
     losses = [2.3, 2.0, *[9.0] * (DIVERGENCE_STEPS - 1)]
     for step, loss in enumerate(losses, 1):
-        loop._check_divergence(run, StepRecord(step, 0, loss, 0.1, 0.003, 1.0))
+        check_divergence(run, StepRecord(step, 0, loss, 0.1, 0.003, 1.0))
     with pytest.raises(Alexnet2gpuError, match=r"diverging.*at step 22.*try --lr 0.001"):
-        loop._check_divergence(run, StepRecord(22, 0, 9.0, 0.1, 0.003, 1.0))
+        check_divergence(run, StepRecord(22, 0, 9.0, 0.1, 0.003, 1.0))
 
 
 def test_a_nonfinite_run_names_the_likely_cause_and_the_flag():
@@ -289,12 +289,12 @@ def test_bad_values_are_refused_in_one_line_before_any_work(tmp_path, capsys, mo
 # --------------------------------------------------------------------------- subprocesses
 
 
-def _cli(args: list[str], **kw) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+def _cli(args: list[str], cwd=ROOT, **kw) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
     env.pop("WORLD_SIZE", None)
     return subprocess.Popen(
         [sys.executable, "-m", "alexnet2gpu", "train", *args],
-        cwd=ROOT,
+        cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -363,6 +363,31 @@ def test_a_signal_checkpoints_the_current_step_and_the_printed_command_resumes_b
     b = load_checkpoint(tmp_path / "s" / "step-00000400.pt")["model"]
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_ctrl_c_without_a_checkpoint_folder_keeps_the_run_in_runs(tmp_path):
+    # The README's training command has no --checkpoint-dir: Ctrl-C must not lose the run.
+    # 60 steps of 4 on synthetic data evaluate every 50 steps, so curves exist by the stop.
+    args = [*TINY_ARGS, "--data", "synthetic", "--num-classes", "10", "--batch-size", "4", "--steps", "3000"]
+    stopped = _cli([*args, "--quiet", "--metrics", str(tmp_path / "m.jsonl")], cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if (tmp_path / "m.jsonl").exists() and '"eval"' in (tmp_path / "m.jsonl").read_text():
+            break
+        time.sleep(0.05)
+    stopped.send_signal(signal.SIGINT)
+    _, err = stopped.communicate(timeout=120)
+    assert stopped.returncode == 130, err
+    (folder,) = (tmp_path / "runs").iterdir()
+    assert folder.name.startswith("train-dual-synthetic-")
+    (checkpoint,) = folder.glob("step-*.pt")
+    assert (folder / "curves.png").stat().st_size > 0
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("alexnet2gpu train: stopped by SIGINT after step") and str(checkpoint.name) in lines[0]
+    assert lines[1] == f"curves: {folder / 'curves.png'}".replace(str(tmp_path) + "/", "")
+    assert lines[2].startswith("resume with: alexnet2gpu train") and lines[2].endswith(
+        f"--resume {checkpoint.relative_to(tmp_path)}"
+    )
 
 
 # --------------------------------------------------------------------------- torch.compile

@@ -20,15 +20,15 @@ import os
 import shlex
 import signal
 import sys
+import time
 from pathlib import Path
 
 from ..errors import Alexnet2gpuError, ConfigError
-from ..models import INITS
-from ..parallel import TorchrunEnv
-from ..train import TrainConfig, train
-from ..train.config import SCHEDULES
-from ..train.interrupt import Interrupted
+from ..models.names import INIT_NAMES
+from ..parallel.names import DEFAULT_TIMEOUT_S
+from ..train.names import NONFINITE_POLICIES, RECIPE_NAMES, SCHEDULES, SYNC_EVERY_STEPS
 from .arguments import add_model_arguments, add_placement_arguments, check_output_dir, check_output_file
+from .launch import LAUNCHED_ENV, record_root_cause
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +61,14 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
         help="train on the first N training images only (quick runs)",
     )
     data.add_argument(
+        "--val-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="hold N training images out as the validation split, which the plateau schedule follows; the test "
+        "set only reports (default: 5,000 of Fashion-MNIST's 60,000, 1 in 12 of a folder's train/; 0: none)",
+    )
+    data.add_argument(
         "--ten-crop",
         action=argparse.BooleanOptionalAction,
         default=False,
@@ -74,14 +82,14 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--recipe",
         default="paper",
-        choices=("paper", "d2l"),
+        choices=RECIPE_NAMES,
         help="paper: SGD momentum 0.9, wd 5e-4, lr 0.01, /10 on plateau, N(0, 0.01) init; "
         "d2l: the seed's plain SGD lr 0.01, Xavier init, 10 epochs (default: %(default)s)",
     )
     run.add_argument(
         "--init",
         default=None,
-        choices=tuple(INITS),
+        choices=INIT_NAMES,
         help="initialisation (default: the recipe's; paper: N(0, 0.01); cfg: the released "
         "layers-145.cfg, std 0.03 in conv3-5; xavier: d2l's)",
     )
@@ -103,7 +111,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
         "--schedule",
         default=None,
         choices=SCHEDULES,
-        help="how the lr moves: plateau (/10 when test accuracy stops improving), constant, or cosine "
+        help="how the lr moves: plateau (/10 when validation accuracy stops improving), constant, or cosine "
         "(to 0 over the run) (default: the recipe's; paper: plateau, d2l: constant)",
     )
     run.add_argument(
@@ -113,13 +121,21 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--on-nonfinite",
         default="stop",
-        choices=("stop", "skip"),
+        choices=NONFINITE_POLICIES,
         help="a NaN/inf loss or gradient: stop the run, or skip that step (default: %(default)s)",
+    )
+    run.add_argument(
+        "--sync-every",
+        type=int,
+        default=SYNC_EVERY_STEPS,
+        metavar="N",
+        help="read the loss and non-finite flags from the device every N steps: each read waits for the GPU's "
+        "queue (default: %(default)s)",
     )
     run.add_argument(
         "--timeout",
         type=float,
-        default=180.0,
+        default=DEFAULT_TIMEOUT_S,
         help="seconds a collective waits for a dead or hung rank before the job fails (ranks; default: %(default)s)",
     )
 
@@ -161,7 +177,7 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
         "--plot",
         default=None,
         metavar="PATH",
-        help="a PNG of train loss, train accuracy and test accuracy against epoch, redrawn after each "
+        help="a PNG of train loss and train, validation and test accuracy against epoch, redrawn after each "
         "evaluation (default: curves.png in --checkpoint-dir, if given)",
     )
     out.add_argument(
@@ -175,6 +191,7 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
+    from ..train import TrainConfig
 
     return TrainConfig(
         model=args.model,
@@ -210,7 +227,18 @@ def config_from_args(args: argparse.Namespace):
         metrics=args.metrics,
         on_nonfinite=args.on_nonfinite,
         timeout=args.timeout,
+        sync_every=args.sync_every,
+        val_size=args.val_size,
+        interrupt_dir=None if args.checkpoint_dir else interrupt_folder(args),
     )
+
+
+def interrupt_folder(args: argparse.Namespace) -> str:
+    """Where a run without --checkpoint-dir keeps its checkpoint and curves when Ctrl-C or
+    SIGTERM stops it: ``runs/train-MODEL-DATE-TIME`` under the working directory (``/runs/``
+    is in .gitignore), created only then."""
+    data = "synthetic" if args.data == "synthetic" else "fashion-mnist" if args.data == "fashion-mnist" else "folder"
+    return str(Path("runs") / f"train-{args.model}-{data}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def check_outputs(args: argparse.Namespace) -> str | None:
@@ -235,17 +263,40 @@ def _display_factory(args: argparse.Namespace):
     return lambda total, header: LogProgress(total, header, every_s=args.log_every)
 
 
-def _curves_writer(plot: str | None, args: argparse.Namespace):
+def _curves_writer(plot: str | None, config):
     if plot is None:
         return None
+    label = curves_label(config)
+    return lambda curve: _write_curves(plot, curve, label)
+
+
+def curves_label(config):
+    """What the curves' title says: net, data, image size, recipe, schedule, stage."""
+    from ..report.curves import RunLabel
+    from ..train.build import input_shape
+
+    return RunLabel(
+        model=config.model,
+        image_size=input_shape(config)[1],
+        recipe=config.recipe,
+        schedule=config.hyper.schedule,
+        stage=2 if config.weights else 1,
+        weights=config.weights,
+        data=config.data,
+    )
+
+
+def _write_curves(path: str, curve: list[dict], label) -> None:
     from ..report.curves import write_curves
 
-    title = f"{args.model}, recipe {args.recipe}, {args.data}"
-    return lambda curve: write_curves(plot, curve, title)
+    write_curves(path, curve, label)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..parallel import TorchrunEnv
     from ..report.training import render_run_summary
+    from ..train import train
+    from ..train.interrupt import Interrupted
 
     env = TorchrunEnv.from_environ()
     if env.launched:
@@ -255,21 +306,32 @@ def run(args: argparse.Namespace) -> int:
     try:
         plot = check_outputs(args)
         config = config_from_args(args)
-        result = train(config, display_factory=_display_factory(args), on_evaluated=_curves_writer(plot, args))
+        result = train(config, display_factory=_display_factory(args), on_evaluated=_curves_writer(plot, config))
     except Interrupted as stop:
         if env.is_rank0:
-            print(f"alexnet2gpu train: {stop}", file=sys.stderr)
-            print(f"resume with: {resume_command(stop.checkpoint, env)}", file=sys.stderr)
+            _report_interrupted(stop, plot, config, env)
         return stop.exit_code
     except Alexnet2gpuError as error:
         if env.is_rank0 or getattr(error, "rank_specific", False):
             raise
+        record_root_cause("train", error, error.exit_code)  # for torchrun's report, not printed
         return error.exit_code  # the same error on every rank: rank 0 alone prints it
     if env.is_rank0:
         render_run_summary(result)
         if plot:
             print(f"curves: {plot}")
     return 0
+
+
+def _report_interrupted(stop, plot: str | None, config, env) -> None:
+    """Where the interrupted run is kept (its checkpoint, and its curves when the run had no
+    plot of its own), and the command that resumes it."""
+    print(f"alexnet2gpu train: {stop}", file=sys.stderr)
+    if plot is None and stop.checkpoint and stop.curve:
+        curves = str(Path(stop.checkpoint).parent / "curves.png")
+        _write_curves(curves, stop.curve, curves_label(config))
+        print(f"curves: {curves}", file=sys.stderr)
+    print(f"resume with: {resume_command(stop.checkpoint, env)}", file=sys.stderr)
 
 
 def resume_command(checkpoint: str, env) -> str:
@@ -289,7 +351,12 @@ def resume_command(checkpoint: str, env) -> str:
     launcher = ["alexnet2gpu"]
     if env.launched:
         per_node = os.environ.get("LOCAL_WORLD_SIZE", str(env.world_size))
-        launcher = ["torchrun", "--nproc-per-node", per_node, "-m", "alexnet2gpu"]
+        launched_by_us = os.environ.get(LAUNCHED_ENV) == "1"
+        launcher = (
+            ["alexnet2gpu", "launch", "--nproc-per-node", per_node]
+            if launched_by_us
+            else ["torchrun", "--nproc-per-node", per_node, "-m", "alexnet2gpu"]
+        )
     return shlex.join([*launcher, "train", *kept, "--resume", checkpoint])
 
 

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
+from .holdout import VAL_SPLIT_SEED, default_val_size, validation_split
 
 __all__ = [
     "DEBIAN_DIR",
@@ -250,21 +251,37 @@ def find_fashion_mnist(data_dir: str | os.PathLike | None = None) -> tuple[Path,
 class FashionMNIST(Dataset):
     """One split held in memory as uint8 (60,000 x 28 x 28 is 47 MB).
 
-    Items are looked up by the keys the loaders' samplers yield, ``(epoch, index)``, or by
-    a plain index; each is ``(uint8 [H, W] image, int label)``. ``subset=N`` keeps the first
-    N images (the files are already in random order), for quick runs.
+    ``split``: ``"train"`` (the training file's images less the validation ones),
+    ``"val"`` (``val_size`` images held out from the training file with a fixed seed,
+    :mod:`.holdout`; None: the default 5,000) or ``"test"`` (the test file). Items are looked up by the keys the
+    loaders' samplers yield, ``(epoch, index)``, or by a plain index; each is ``(uint8 [H,
+    W] image, int label)``. ``subset=N`` keeps the first N training images (the files are
+    already in random order), for quick runs.
     """
 
     num_classes = NUM_CLASSES
     classes = CLASS_NAMES
 
-    def __init__(self, split: str, data_dir: str | os.PathLike | None = None, subset: int | None = None) -> None:
-        if split not in FILES:
-            raise ConfigError(f"unknown Fashion-MNIST split '{split}': choose train or test")
+    def __init__(
+        self,
+        split: str,
+        data_dir: str | os.PathLike | None = None,
+        subset: int | None = None,
+        val_size: int | None = 0,
+    ) -> None:
+        if split not in ("train", "val", "test"):
+            raise ConfigError(f"unknown Fashion-MNIST split '{split}': choose train, val or test")
         self.folder, files = find_fashion_mnist(data_dir)
-        self.files = files[split]
+        self.files = files["test" if split == "test" else "train"]
         self.images, self.labels = load_fashion_mnist_split(*self.files)
-        if subset is not None:
+        if val_size is None:  # the default: 5,000 of the 60,000
+            val_size = default_val_size(len(self.labels))
+        self.val_size = val_size if split != "test" else 0
+        if split != "test":
+            train, val = validation_split(len(self.labels), val_size)
+            keep = val if split == "val" else train
+            self.images, self.labels = self.images[keep], self.labels[keep]
+        if subset is not None and split == "train":
             if not 1 <= subset <= len(self.labels):
                 raise ConfigError(f"--train-subset {subset} must be between 1 and {len(self.labels)}")
             self.images, self.labels = self.images[:subset], self.labels[:subset]
@@ -281,7 +298,8 @@ def training_mean_image(dataset: FashionMNIST) -> torch.Tensor:
     """The mean 28x28 image (0-255) of the images ``dataset`` trains on, cached."""
     from .mean_image import file_key, mean_image
 
-    key = ["fashion-mnist", *file_key(dataset.files), f"first {len(dataset)}"]
+    held_out = [f"{dataset.val_size} held out (seed {VAL_SPLIT_SEED})"] if dataset.val_size else []
+    key = ["fashion-mnist", *file_key(dataset.files), *held_out, f"first {len(dataset)}"]
     return mean_image(key, lambda: dataset.images.double().mean(dim=0).float())
 
 

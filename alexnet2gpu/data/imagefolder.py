@@ -1,7 +1,8 @@
 """ImageNet-style folders (``ROOT/train/<class>/*.jpg``, ``ROOT/val/<class>/*.jpg``) with the
 paper's augmentation and 10-crop evaluation.
 
-    build_folder_datasets(root, image_size, in_channels, seed, ten_crop) -> (train, val)
+    build_folder_datasets(root, image_size, in_channels, seed, ten_crop, pixels, val_size)
+        -> (train, validation or None, test)
     PCALighting(alpha_std=0.1)                       the paper's colour noise, on a tensor
     ten_crop_predict(forward, crops) -> [B, classes] softmax averaged over the 10 crops
     load_image(path) -> PIL image                    opens and decodes one file, or DataError
@@ -39,6 +40,7 @@ error) are :class:`~alexnet2gpu.errors.DataError` naming the file.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import re
@@ -53,6 +55,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from ..errors import ConfigError, DataError
+from .holdout import default_val_size, validation_split
 
 __all__ = [
     "IMAGENET_EIGENVALUES",
@@ -227,23 +230,36 @@ def build_folder_datasets(
     seed: int = 0,
     ten_crop: bool = False,
     pixels: str = "unit",
-) -> tuple[FolderDataset, FolderDataset]:
-    """The ``train`` and ``val`` splits of ``root``: training items are ``(float [C, S, S],
-    label)``, evaluation items the same, or ``(float [10, C, S, S], label)`` with ``ten_crop``.
-    ``pixels``: ``"unit"`` or ``"mean-image"`` (module docstring)."""
+    val_size: int | None = 0,
+) -> tuple[FolderDataset, FolderDataset | None, FolderDataset]:
+    """The training, validation and test splits of ``root``: with ``train/``, ``val/`` and
+    ``test/``, those three; with ``train/`` and ``val/`` (ImageNet's layout, whose ``val/``
+    is what the paper reports), ``val/`` is the test set and ``val_size`` images of
+    ``train/`` are held out as the validation set (:mod:`.holdout`; 0: none; None: 1 in 12). Training
+    items are ``(float [C, S, S], label)``, evaluation items the same, or ``(float [10, C,
+    S, S], label)`` with ``ten_crop``. ``pixels``: ``"unit"`` or ``"mean-image"`` (module
+    docstring)."""
     root = Path(root)
     if not root.is_dir():
         raise ConfigError(f"data folder {root} does not exist")
     if in_channels not in (1, 3):
         raise ConfigError(f"image folders give 1 (grayscale) or 3 (RGB) channels, not {in_channels}")
-    train, val = _image_folder(root / "train"), _image_folder(root / "val")
-    if train.classes != val.classes:
-        only_train = sorted(set(train.classes) - set(val.classes))
-        only_val = sorted(set(val.classes) - set(train.classes))
-        raise DataError(
-            f"{root}: train/ and val/ hold different classes "
-            f"(only in train: {only_train[:5]}, only in val: {only_val[:5]})"
-        )
+    train = _image_folder(root / "train")
+    if (root / "test").is_dir():
+        val, test = _image_folder(root / "val"), _image_folder(root / "test")
+        others = {"val": val, "test": test}
+    else:
+        test = _image_folder(root / "val")
+        train, val = _hold_out(train, val_size)
+        others = {"val": test}
+    for name, other in others.items():
+        if train.classes != other.classes:
+            only_train = sorted(set(train.classes) - set(other.classes))
+            only_other = sorted(set(other.classes) - set(train.classes))
+            raise DataError(
+                f"{root}: train/ and {name}/ hold different classes "
+                f"(only in train: {only_train[:5]}, only in {name}: {only_other[:5]})"
+            )
     rgb = in_channels == 3
     mode = "RGB" if rgb else "L"
     mean = list(IMAGENET_MEAN) if rgb else [sum(IMAGENET_MEAN) / 3]
@@ -272,8 +288,25 @@ def build_folder_datasets(
         eval_transform = v2.Compose([v2.Resize(side), v2.CenterCrop(side), *to_float, *crop, subtract_mean])
     return (
         FolderDataset(train, train_transform, mode, seed, random=True),
-        FolderDataset(val, eval_transform, mode, seed, random=False),
+        FolderDataset(val, eval_transform, mode, seed, random=False) if val is not None else None,
+        FolderDataset(test, eval_transform, mode, seed, random=False),
     )
+
+
+def _hold_out(folder: datasets.ImageFolder, val_size: int | None):
+    """(training part, validation part or None) of ``folder``'s images (:mod:`.holdout`)."""
+    if val_size is None:
+        val_size = default_val_size(len(folder.samples))
+    if not val_size:
+        return folder, None
+    train_idx, val_idx = validation_split(len(folder.samples), val_size)
+    parts = []
+    for keep in (train_idx, val_idx):
+        part = copy.copy(folder)
+        part.samples = [folder.samples[i] for i in keep.tolist()]
+        part.imgs, part.targets = part.samples, [label for _, label in part.samples]
+        parts.append(part)
+    return parts[0], parts[1]
 
 
 def ten_crop_predict(forward: Callable[[torch.Tensor], torch.Tensor], crops: torch.Tensor) -> torch.Tensor:

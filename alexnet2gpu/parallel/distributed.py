@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from .layout import Layout, TorchrunEnv, resolve_layout
+from .names import DEFAULT_TIMEOUT_S
 
 __all__ = [
     "BACKEND_CPU",
@@ -37,10 +38,6 @@ __all__ = [
     "is_collective_error",
     "register_group_holder",
 ]
-
-# Process-group timeout: how long a collective waits for a rank that died or hangs before
-# the job fails with an error (torch's own default is 30 min for gloo, 10 min for NCCL).
-DEFAULT_TIMEOUT_S = 180.0
 
 # The backends: on CUDA, NCCL for CUDA tensors and gloo beside it for everything on the
 # host (NCCL raises on a CPU tensor); on the CPU, gloo alone.

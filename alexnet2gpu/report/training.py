@@ -48,7 +48,7 @@ class TrainingDisplay:
             MofNCompleteColumn(),
             BarColumn(bar_width=24),
             TextColumn(
-                "loss {task.fields[loss]}  acc {task.fields[acc]}  test {task.fields[test]}  "
+                "loss {task.fields[loss]}  acc {task.fields[acc]}  val {task.fields[val]}  test {task.fields[test]}  "
                 "{task.fields[ips]} img/s  lr {task.fields[lr]}"
             ),
             TimeElapsedColumn(),
@@ -62,7 +62,7 @@ class TrainingDisplay:
     def start(self, step: int) -> None:
         self.progress.start()
         self.task = self.progress.add_task(
-            "train", total=self.total, completed=step, loss="-", acc="-", test="-", ips="-", lr="-"
+            "train", total=self.total, completed=step, loss="-", acc="-", val="-", test="-", ips="-", lr="-"
         )
 
     def update(self, record) -> None:
@@ -75,8 +75,8 @@ class TrainingDisplay:
             lr=_num(record.lr, ".2g"),
         )
 
-    def evaluated(self, step: int, test_accuracy: float) -> None:
-        self.progress.update(self.task, test=_num(test_accuracy, ".3f"))
+    def evaluated(self, step: int, test_accuracy: float, val_accuracy: float | None = None) -> None:
+        self.progress.update(self.task, val=_num(val_accuracy, ".3f"), test=_num(test_accuracy, ".3f"))
 
     def note(self, message: str) -> None:
         self.progress.console.print(f"[yellow]{message}[/yellow]")
@@ -124,9 +124,10 @@ class LogProgress:
             soft_wrap=True,
         )
 
-    def evaluated(self, step: int, test_accuracy: float) -> None:
+    def evaluated(self, step: int, test_accuracy: float, val_accuracy: float | None = None) -> None:
         self.test = test_accuracy
-        console().print(f"step {step}/{self.total}  test acc {_num(test_accuracy, '.3f')}", soft_wrap=True)
+        val = f"val acc {_num(val_accuracy, '.3f')}  " if val_accuracy is not None else ""
+        console().print(f"step {step}/{self.total}  {val}test acc {_num(test_accuracy, '.3f')}", soft_wrap=True)
 
     def note(self, message: str) -> None:
         console().print(message, soft_wrap=True)
@@ -142,6 +143,8 @@ def summary_lines(result) -> list[str]:
         f"test acc {_num(result.test_accuracy, '.3f')}",
         f"{result.images_per_s:.1f} examples/sec on {result.device}",
     ]
+    if result.val_accuracy is not None:
+        lines.append(f"val acc {result.val_accuracy:.3f} (held out of the training images; the schedule's guide)")
     if result.compile_seconds is not None:
         lines.append(f"torch.compile: the first step took {result.compile_seconds:.1f} s (not in examples/sec)")
     if result.skipped_steps:

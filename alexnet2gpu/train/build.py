@@ -55,7 +55,8 @@ def input_shape(config: TrainConfig) -> tuple[int, int]:
 @dataclass
 class RunData:
     train: object  # an EpochLoader or SyntheticLoader
-    test: object
+    val: object | None  # held out of the training data: drives the plateau schedule (None: no validation split)
+    test: object  # reports, drives nothing
     num_classes: int
     description: str
     ten_crop: bool
@@ -80,10 +81,11 @@ def build_data(config: TrainConfig, layout: Layout) -> RunData:
             dp_rank=layout.replica,
         )
         train_loader = SyntheticLoader(**kw, batches=SYNTHETIC_EPOCH_STEPS)
-        # Held-out batches: steps numbered from -1 downwards never appear in training.
+        # Held-out batches: steps at negative offsets never appear in training.
         test_loader = SyntheticLoader(**kw, offset=-(10**9), batches=SYNTHETIC_EVAL_BATCHES)
+        val_loader = SyntheticLoader(**kw, offset=-(2 * 10**9), batches=SYNTHETIC_EVAL_BATCHES)
         words = f"synthetic N(0, 1) images, {classes} classes, seed {config.seed}"
-        return RunData(train_loader, test_loader, classes, words, False)
+        return RunData(train_loader, val_loader if config.val_size != 0 else None, test_loader, classes, words, False)
     if config.data != "fashion-mnist" and not Path(config.data).exists():
         raise ConfigError(
             f"--data {config.data}: no such folder; use fashion-mnist, synthetic or a folder with train/ and val/"
@@ -102,8 +104,9 @@ def build_data(config: TrainConfig, layout: Layout) -> RunData:
         num_workers=config.workers,
         device=layout.device,
         pixels=config.hyper.pixels,
+        val_size=config.val_size,
     )
-    return RunData(loaders.train, loaders.test, loaders.num_classes, loaders.description, loaders.ten_crop)
+    return RunData(loaders.train, loaders.val, loaders.test, loaders.num_classes, loaders.description, loaders.ten_crop)
 
 
 def build_net(config: TrainConfig, num_classes: int, hyper: Recipe) -> nn.Module:

@@ -24,7 +24,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..models import INITS
+from ..models.names import INIT_NAMES
+from ..parallel.names import DEFAULT_TIMEOUT_S
+from .names import NONFINITE_POLICIES, SCHEDULES, SYNC_EVERY_STEPS
 
 __all__ = [
     "CPU_SIZED_COMMAND",
@@ -93,7 +95,6 @@ RECIPES = {
 # (SGDR, Loshchilov & Hutter 2017, without restarts), for short runs that must settle
 # within their few epochs (a constant lr left the d2l runs here oscillating: 0.865 then
 # 0.848 at lr 0.02).
-SCHEDULES = ("plateau", "constant", "cosine")
 # Evaluations (epochs) without improvement before lr /= 10. The paper gives none; the
 # released code's drops were about 25 epochs apart (layer-params-145.cfg's notes put them
 # near epochs 20-25 and 47-51 of about 90), so a plateau is judged over several epochs,
@@ -115,13 +116,6 @@ CPU_LARGE_IMAGE = 112  # above this side, a Fashion-MNIST epoch on a CPU takes h
 D2L_PLAIN_SGD_STALLS = ("dual", "half")
 SYNTHETIC_EPOCH_STEPS = 50  # synthetic data has no epochs: evaluate every 50 steps
 SYNTHETIC_EVAL_BATCHES = 2
-NONFINITE_POLICIES = ("stop", "skip")
-# Steps between two host reads of the loss, accuracy and non-finite flags. Each read waits
-# for the device's queue (a host sync), so on a GPU the loop reads once per interval, as
-# nanoGPT reads its loss once per log_interval; checkpoints, evaluations, signals and the
-# run's end read at once. `--on-nonfinite skip` reads every step: it must know before the
-# optimizer steps.
-SYNC_EVERY_STEPS = 10
 
 
 @dataclass
@@ -134,6 +128,7 @@ class TrainConfig:
     data: str = "fashion-mnist"  # "fashion-mnist", "synthetic" or an image-folder path
     data_dir: str | None = None  # Fashion-MNIST IDX files
     train_subset: int | None = None
+    val_size: int | None = None  # images held out of the training set for validation; None: 5,000 (1 in 12)
     in_channels: int | None = None
     num_classes: int | None = None  # synthetic only; real data sets bring their own
     image_size: int | None = None
@@ -161,14 +156,14 @@ class TrainConfig:
     weights: str | None = None  # start from this checkpoint's weights, with a fresh optimizer, schedule and data order
     metrics: str | None = None  # JSONL path
     on_nonfinite: str = "stop"
-    timeout: float = 180.0  # process-group timeout in seconds (ranks)
+    timeout: float = DEFAULT_TIMEOUT_S  # process-group timeout in seconds (ranks)
     sync_every: int = SYNC_EVERY_STEPS  # steps between host reads of the step numbers (one device sync each)
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
             raise ConfigError(f"unknown recipe '{self.recipe}': choose one of {', '.join(RECIPES)}")
-        if self.init is not None and self.init not in INITS:
-            raise ConfigError(f"unknown --init '{self.init}': choose one of {', '.join(INITS)}")
+        if self.init is not None and self.init not in INIT_NAMES:
+            raise ConfigError(f"unknown --init '{self.init}': choose one of {', '.join(INIT_NAMES)}")
         self._check_ranges()
         self._refuse_pairs_that_do_not_learn()
         if self.schedule is not None and self.schedule not in SCHEDULES:
@@ -183,6 +178,8 @@ class TrainConfig:
             raise ConfigError(
                 f"--checkpoint-every must be >= 0 and keep >= 1, got {self.checkpoint_every}, {self.keep}"
             )
+        if self.val_size is not None and self.val_size < 0:
+            raise ConfigError(f"--val-size must be 0 or more images, got {self.val_size}")
         if self.timeout <= 0:
             raise ConfigError(f"--timeout must be positive seconds, got {self.timeout}")
         if self.data not in ("fashion-mnist", "synthetic") and Path(self.data).is_file():
@@ -293,6 +290,8 @@ class EvalRecord:
     epoch: int
     test_accuracy: float
     test_images: int
+    val_accuracy: float | None = None  # the validation split's (None: the run has none)
+    val_images: int = 0
 
     def to_json(self) -> dict:
         return {"event": "eval", **asdict(self)}
@@ -312,6 +311,7 @@ class TrainResult:
     images_per_s: float  # training images per second of training time (excludes evaluation)
     train_seconds: float
     compile_seconds: float | None = None  # with --compile: the first step, which compiles (not in images/s)
+    val_accuracy: float | None = None  # the validation split's, at the last evaluation
     skipped_steps: int = 0
     resumed_from: str | None = None
     checkpoint: str | None = None

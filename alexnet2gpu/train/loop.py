@@ -29,7 +29,6 @@ one) names the ranks that stopped; ``close_distributed`` runs on every exit path
 
 from __future__ import annotations
 
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,10 +55,11 @@ from .checkpointing import (
     restore_checkpoint,
     resume_source,
 )
-from .config import DIVERGENCE_FACTOR, DIVERGENCE_STEPS, EvalRecord, StepRecord, TrainConfig, TrainResult, cpu_hint
-from .faults import Fault, collective_failure, diverging_message, grad_flags, nonfinite_message, weights_nonfinite
+from .config import EvalRecord, TrainConfig, TrainResult, cpu_hint
+from .faults import Fault, collective_failure, grad_flags, weights_nonfinite
 from .interrupt import Interrupted, StopSignals
 from .metrics import MetricsLog, RunningMeans
+from .sync import PendingStep, agreed_signal, sync
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
 
@@ -92,17 +92,6 @@ def train(
 
 
 @dataclass
-class _PendingStep:
-    """A step done whose numbers are still on the device, read at the next sync point."""
-
-    step: int
-    epoch: int
-    lr: float
-    host_seconds: float  # the host's time in the step (on a GPU: launching; the rest shows at the sync)
-    stats: torch.Tensor  # [loss, correct, seen, non-finite loss, ... gradients in tower a, in b], float64
-
-
-@dataclass
 class _Run:
     """This process's share of one run, as the loop's functions pass it along."""
 
@@ -122,7 +111,7 @@ class _Run:
     above_start: int = 0  # steps in a row with the loss above DIVERGENCE_FACTOR x loss_start
     curve: list[dict] = field(default_factory=list)
     compile_seconds: float | None = None
-    pending: list[_PendingStep] = field(default_factory=list)  # steps whose numbers are still on the device
+    pending: list[PendingStep] = field(default_factory=list)  # steps whose numbers are still on the device
     liveness: RankLiveness | None = None
     fault: Fault | None = None
     step: int = 0
@@ -132,6 +121,7 @@ class _Run:
     images: float = 0.0
     train_seconds: float = 0.0
     test_accuracy: float | None = None
+    val_accuracy: float | None = None
     resumed_from: str | None = None
     saved_path: str | None = None
 
@@ -167,6 +157,7 @@ def _train(config: TrainConfig, layout: Layout, display_factory, on_evaluated) -
         loss=loss,
         train_accuracy=train_accuracy,
         test_accuracy=run.test_accuracy,
+        val_accuracy=run.val_accuracy,
         images_per_s=run.images / run.train_seconds if run.train_seconds else 0.0,
         train_seconds=run.train_seconds,
         compile_seconds=run.compile_seconds,
@@ -196,6 +187,11 @@ def _prepare(config: TrainConfig, layout: Layout, display_factory) -> _Run:
     optimizer = build_optimizer(hyper, placed)
     total_steps = config.steps or hyper.epochs * data.train.batches_per_epoch
     scheduler = build_scheduler(hyper, optimizer, total_steps)
+    if isinstance(scheduler, ReduceLROnPlateau) and data.val is None:
+        raise ConfigError(
+            "the plateau schedule lowers the learning rate on the validation error, and --val-size 0 holds "
+            "no validation images out: give --val-size N, or --schedule cosine or constant"
+        )
     if config.compile:
         placed.compile()  # in place: parameter names, and so checkpoints, stay the same
     metrics = MetricsLog(config.metrics if layout.is_rank0 else None)
@@ -310,77 +306,16 @@ def _step(run: _Run, x: torch.Tensor, y: torch.Tensor, step: int) -> None:
     if run.fault:
         run.fault.before_forward(layout, step)
     stats = _forward_backward(run, x, y, step)
-    run.pending.append(_PendingStep(step, run.epoch, lr, time.perf_counter() - t0, stats))
-    if not (run.config.on_nonfinite == "skip" and _sync(run)):  # skip must know before stepping
+    run.pending.append(PendingStep(step, run.epoch, lr, time.perf_counter() - t0, stats))
+    if not (run.config.on_nonfinite == "skip" and sync(run)):  # skip must know before stepping
         run.optimizer.step()
     if run.scheduler is not None and not isinstance(run.scheduler, ReduceLROnPlateau):
         run.scheduler.step()  # per-step schedules (cosine)
     run.step = step
-    run.stop_signal = _agreed_signal(run)
+    run.stop_signal = agreed_signal(run)
     compiling = run.config.compile and run.compile_seconds is None  # the first step compiles: read it alone
     if compiling or run.stop_signal or step % run.config.sync_every == 0 or step >= run.total_steps:
-        _sync(run)
-
-
-def _agreed_signal(run: _Run) -> int:
-    """SIGINT or SIGTERM when any rank received one (0: none): host flags, summed over the
-    CPU (gloo) under ``ranks``, so no rank waits for its device."""
-    signum = run.signals.signum if run.signals else 0
-    flags = [float(signum == signal.SIGINT), float(signum == signal.SIGTERM)]
-    if run.layout.distributed:
-        flags = all_sum(torch.tensor(flags, dtype=torch.float64)).tolist()
-    return signal.SIGINT if flags[0] else signal.SIGTERM if flags[1] else 0
-
-
-def _sync(run: _Run) -> bool:
-    """A sync point: one all-reduce of every pending step's numbers and one host read,
-    then each step's record written, displayed and checked in order (non-finite values,
-    divergence). Returns whether the last step read was non-finite (and so skipped)."""
-    if not run.pending:
-        return False
-    pending, run.pending = run.pending, []
-    t0 = time.perf_counter()
-    rows = all_sum(torch.stack([p.stats for p in pending])).tolist()  # the one host sync
-    waited = (time.perf_counter() - t0) / len(pending)  # the device's time not seen while launching
-    nonfinite = False
-    for p, (loss_sum, correct, seen, bad_loss, bad_a, bad_b) in zip(pending, rows):
-        dt = p.host_seconds + waited
-        nonfinite = bool(bad_loss or bad_a or bad_b)
-        if nonfinite:
-            _on_nonfinite(run, nonfinite_message(p.step, bad_loss, bad_a, bad_b, run.layout.two_towers), p)
-        if run.config.compile and run.compile_seconds is None:
-            run.compile_seconds = dt  # the first step compiles: kept out of images/s
-        else:
-            run.train_seconds += dt
-            run.images += seen
-        record = StepRecord(
-            step=p.step,
-            epoch=p.epoch,
-            loss=float("nan") if nonfinite else loss_sum / run.layout.dp_size,
-            accuracy=correct / seen if seen else 0.0,
-            lr=p.lr,
-            images_per_s=seen / dt if dt > 0 else 0.0,
-            skipped=nonfinite,
-        )
-        if not nonfinite:
-            run.means.add(record.loss, correct, seen)
-        run.metrics.write(record.to_json())
-        if run.display:
-            run.display.update(record)
-        if not nonfinite:
-            _check_divergence(run, record)
-    return nonfinite
-
-
-def _check_divergence(run: _Run, record: StepRecord) -> None:
-    """Stops a run whose loss stays far above its start (every rank sees the same loss)."""
-    if run.loss_start is None:
-        run.loss_start = record.loss
-    run.above_start = run.above_start + 1 if record.loss > DIVERGENCE_FACTOR * run.loss_start else 0
-    if run.above_start >= DIVERGENCE_STEPS:
-        message = diverging_message(record.step, run.loss_start, record.loss, DIVERGENCE_STEPS, record.lr)
-        run.metrics.write({"event": "diverged", "step": record.step, "message": message})
-        raise Alexnet2gpuError(message)
+        sync(run)
 
 
 def _forward_backward(run: _Run, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
@@ -413,24 +348,9 @@ def _forward_backward(run: _Run, x: torch.Tensor, y: torch.Tensor, step: int) ->
     return torch.cat([torch.stack([local_loss, correct, seen, bad_loss]), grad_flags(run.placed, device)])
 
 
-def _on_nonfinite(run: _Run, message: str, pending: _PendingStep) -> None:
-    """Stops the run, or (``--on-nonfinite skip``) drops this step's gradients."""
-    policy = run.config.on_nonfinite
-    run.metrics.write({"event": "nonfinite", "step": pending.step, "action": policy, "message": message})
-    if policy == "stop":
-        raise Alexnet2gpuError(
-            f"{message}: stopped, no checkpoint written for it; the likely cause is a learning rate too high "
-            f"for this net and data: try --lr {pending.lr / 3:.2g} (or --on-nonfinite skip to skip such steps)"
-        )
-    run.optimizer.zero_grad(set_to_none=True)
-    run.skipped += 1
-    if run.display:
-        run.display.note(f"{message}: step skipped")
-
-
 def _save(run: _Run) -> None:
     """A checkpoint at the current step (rank 0 writes it); never of non-finite weights."""
-    _sync(run)  # the steps before it written and checked first
+    sync(run)  # the steps before it written and checked first
     directory = run.config.checkpoint_dir or (run.config.interrupt_dir if run.stop_signal else None)
     if not directory:
         return
@@ -447,33 +367,51 @@ def _save(run: _Run) -> None:
 
 
 def _evaluate(run: _Run, epoch_complete: bool) -> None:
-    """Test accuracy, written and displayed; then the plateau scheduler's step."""
-    _sync(run)  # the running means below include every step so far
-    accuracy, images = _test_accuracy(run)
-    run.test_accuracy = accuracy
-    run.metrics.write(EvalRecord(step=run.step, epoch=run.epoch, test_accuracy=accuracy, test_images=images).to_json())
+    """Validation and test accuracy, written and displayed; then the plateau scheduler's
+    step, on the validation error ([paper] 5). The test set reports and drives nothing."""
+    sync(run)  # the running means below include every step so far
+    val_accuracy, val_images = _accuracy(run, run.data.val) if run.data.val is not None else (None, 0)
+    accuracy, images = _accuracy(run, run.data.test)
+    run.test_accuracy, run.val_accuracy = accuracy, val_accuracy
+    record = EvalRecord(
+        step=run.step,
+        epoch=run.epoch,
+        test_accuracy=accuracy,
+        test_images=images,
+        val_accuracy=val_accuracy,
+        val_images=val_images,
+    )
+    run.metrics.write(record.to_json())
     if run.display:
-        run.display.evaluated(run.step, accuracy)
+        run.display.evaluated(run.step, accuracy, val_accuracy)
     loss, train_accuracy = run.means.summary()
     epochs = run.step / run.data.train.batches_per_epoch
-    run.curve.append({"epoch": epochs, "train_loss": loss, "train_accuracy": train_accuracy, "test_accuracy": accuracy})
+    run.curve.append(
+        {
+            "epoch": epochs,
+            "train_loss": loss,
+            "train_accuracy": train_accuracy,
+            "val_accuracy": val_accuracy,
+            "test_accuracy": accuracy,
+        }
+    )
     if run.on_evaluated:
         run.on_evaluated(list(run.curve))
     if isinstance(run.scheduler, ReduceLROnPlateau) and epoch_complete:
         # [paper] 5: on the validation error, once per epoch (not after a run's last,
         # partial epoch, so that a run resumed past it steps the same way)
-        run.scheduler.step(1.0 - accuracy)
+        run.scheduler.step(1.0 - val_accuracy)
     run.placed.train()
 
 
 @torch.no_grad()
-def _test_accuracy(run: _Run) -> tuple[float, int]:
-    """Test accuracy over the whole test split (the replicas' shards summed), counted on
-    the device and read once at the end."""
+def _accuracy(run: _Run, loader) -> tuple[float, int]:
+    """Accuracy over the whole of ``loader`` (the replicas' shards summed), counted on the
+    device and read once at the end."""
     run.placed.eval()
     device = run.layout.device
     counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, images
-    for x, y in run.data.test:
+    for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         scores = ten_crop_predict(run.placed, x) if run.data.ten_crop else run.placed(x)
         if run.holds_loss:
