@@ -434,3 +434,21 @@ def test_the_cli_refuses_the_pairs_measured_not_to_learn(capsys):
         assert code == 2 and "add --momentum 0.9" in capsys.readouterr().err
     TrainConfig(model="half", recipe="d2l", momentum=0.0)  # asked for by name: runs
     TrainConfig(model="half", recipe="d2l", data="synthetic")  # only Fashion-MNIST was measured
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def test_the_metrics_file_opens_with_everything_that_decides_the_run(tmp_path):
+    data_dir = _small_fashion_mnist(tmp_path / "fmnist")
+    metrics = tmp_path / "m.jsonl"
+    cfg = dict(TINY, data="fashion-mnist", data_dir=data_dir, num_classes=None, steps=2, val_size=8)
+    result = train(TrainConfig(**cfg, metrics=str(metrics)))
+    first = json.loads(metrics.read_text().splitlines()[0])
+    assert first["event"] == "config"
+    assert first["settings"]["model"] == "dual" and first["settings"]["val_size"] == 8
+    assert first["recipe"]["lr"] == 0.003 and first["departures"]  # the resolved recipe: after its departures
+    assert first["split"] == {"train": 40, "val": 8, "test": 48}
+    assert first["torch"] == torch.__version__ and first["precision"] == "fp32"
+    assert len(first.get("commit", "x" * 40)) == 40 and first["machine"]["cpus"] >= 1
+    assert result.val_accuracy is not None

@@ -59,6 +59,7 @@ from .config import EvalRecord, TrainConfig, TrainResult, cpu_hint
 from .faults import Fault, collective_failure, grad_flags, weights_nonfinite
 from .interrupt import Interrupted, StopSignals
 from .metrics import MetricsLog, RunningMeans
+from .provenance import config_record
 from .sync import PendingStep, agreed_signal, sync
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
@@ -197,6 +198,8 @@ def _prepare(config: TrainConfig, layout: Layout, display_factory) -> _Run:
     metrics = MetricsLog(config.metrics if layout.is_rank0 else None)
     run = _Run(config, layout, data, placed, optimizer, scheduler, total_steps, metrics)
     source = resume_source(config)
+    if layout.is_rank0 and config.metrics:
+        metrics.write(config_record(config, hyper, departures, layout, data, str(source) if source else None))
     if source is not None:
         state = load_everywhere(layout, source)
         check_resume_config(state, config, source)
