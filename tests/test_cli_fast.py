@@ -14,7 +14,7 @@ import pytest
 import alexnet2gpu
 from alexnet2gpu.cli import main
 
-COMMANDS = ("summary", "verify", "bench", "memory", "compare", "train")
+COMMANDS = ("summary", "verify", "bench", "memory", "compare", "train", "evaluate")
 HEAVY = ("torch", "torchvision", "matplotlib", "rich")
 
 # Each argv through alexnet2gpu.cli.main in a fresh interpreter, then what it had imported.

@@ -15,7 +15,12 @@ import torch
 
 from ..errors import ConfigError
 
-__all__ = ["SyntheticLoader", "synthetic_batch", "replica_slice"]
+__all__ = ["HELD_OUT_BATCHES", "HELD_OUT_OFFSETS", "SyntheticLoader", "synthetic_batch", "replica_slice"]
+
+# Held-out batches: steps at these offsets never appear in training (a run's steps count
+# up from 0), so the test and validation batches are data the net has not seen.
+HELD_OUT_OFFSETS = {"test": -(10**9), "val": -(2 * 10**9)}
+HELD_OUT_BATCHES = 2  # batches per evaluation of synthetic data
 
 
 def _step_seed(seed: int, step: int) -> int:

@@ -39,6 +39,7 @@ from ..errors import CheckpointError, ConfigError
 from .atomic import fsync_directory, write_atomic
 
 __all__ = [
+    "CHECKPOINT_FORMAT",
     "checkpoint_path",
     "load_checkpoint",
     "newest_checkpoint",
@@ -49,6 +50,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# The layout of a training checkpoint's dict (train.checkpointing writes it, checks.evaluate
+# reads it): bumped when a key changes meaning.
+CHECKPOINT_FORMAT = 1
 SIDECAR_SUFFIX = ".sha256"
 _NAME = re.compile(r"^step-(\d+)\.pt$")
 _CHUNK = 1 << 20

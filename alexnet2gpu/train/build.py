@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from ..data import build_loaders
-from ..data.synthetic import SyntheticLoader
+from ..data.synthetic import HELD_OUT_BATCHES, HELD_OUT_OFFSETS, SyntheticLoader
 from ..errors import ConfigError
 from ..models import DEFAULTS, build_model, initialise_, is_two_tower
 from ..parallel import Layout, TorchrunEnv, init_distributed, resolve_layout
-from .config import PLATEAU_PATIENCE, SYNTHETIC_EPOCH_STEPS, SYNTHETIC_EVAL_BATCHES, Recipe, TrainConfig
+from .config import PLATEAU_PATIENCE, SYNTHETIC_EPOCH_STEPS, Recipe, TrainConfig
 
 __all__ = ["RunData", "build_data", "build_net", "build_optimizer", "build_scheduler", "resolve_run_layout"]
 
@@ -81,9 +81,9 @@ def build_data(config: TrainConfig, layout: Layout) -> RunData:
             dp_rank=layout.replica,
         )
         train_loader = SyntheticLoader(**kw, batches=SYNTHETIC_EPOCH_STEPS)
-        # Held-out batches: steps at negative offsets never appear in training.
-        test_loader = SyntheticLoader(**kw, offset=-(10**9), batches=SYNTHETIC_EVAL_BATCHES)
-        val_loader = SyntheticLoader(**kw, offset=-(2 * 10**9), batches=SYNTHETIC_EVAL_BATCHES)
+        test_loader, val_loader = (
+            SyntheticLoader(**kw, offset=HELD_OUT_OFFSETS[split], batches=HELD_OUT_BATCHES) for split in ("test", "val")
+        )
         words = f"synthetic N(0, 1) images, {classes} classes, seed {config.seed}"
         return RunData(train_loader, val_loader if config.val_size != 0 else None, test_loader, classes, words, False)
     if config.data != "fashion-mnist" and not Path(config.data).exists():

@@ -32,9 +32,10 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import Alexnet2gpuError, ConfigError
-from ..io.checkpoints import load_checkpoint, newest_checkpoint
+from ..io.checkpoints import CHECKPOINT_FORMAT, load_checkpoint, newest_checkpoint
 from ..models import TowerDropout
 from ..parallel import Layout, full_state_dict, load_full_state_dict
+from .build import input_shape
 from .config import TrainConfig
 
 __all__ = [
@@ -50,8 +51,6 @@ __all__ = [
     "restore_rng_state",
     "resume_source",
 ]
-
-CHECKPOINT_FORMAT = 1
 
 log = logging.getLogger("alexnet2gpu")
 
@@ -203,6 +202,7 @@ def checkpoint_state(
             replicas[replica].update(dropout)
         rng["dropout"] = replicas[0]
         rng["replica_dropout"] = replicas
+    folder = config.data not in ("fashion-mnist", "synthetic")  # an image folder: its path, resolved
     return {
         "format": CHECKPOINT_FORMAT,
         "model": model_state,
@@ -221,6 +221,15 @@ def checkpoint_state(
             "recipe": config.recipe,
             "placement": layout.placement,
             "world_size": layout.world_size,
+            # the input, as `evaluate` rebuilds it (checks.evaluate.read_spec)
+            "in_channels": input_shape(config)[0],
+            "image_size": input_shape(config)[1],
+            "pixels": config.hyper.pixels,
+            "data_root": str(Path(config.data).resolve()) if folder else None,
+            "data_dir": str(Path(config.data_dir).resolve()) if config.data_dir else None,
+            "train_subset": config.train_subset,
+            "val_size": config.val_size,
+            "ten_crop": config.ten_crop,
         },
     }
 

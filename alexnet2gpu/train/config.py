@@ -39,7 +39,6 @@ __all__ = [
     "SCHEDULES",
     "SYNC_EVERY_STEPS",
     "SYNTHETIC_EPOCH_STEPS",
-    "SYNTHETIC_EVAL_BATCHES",
     "EvalRecord",
     "Recipe",
     "StepRecord",
@@ -115,7 +114,6 @@ CPU_LARGE_IMAGE = 112  # above this side, a Fashion-MNIST epoch on a CPU takes h
 # ended at chance (scripts/recipe_matrix.py --recipes d2l --steps 468 --batch-size 128, 72 px)
 D2L_PLAIN_SGD_STALLS = ("dual", "half")
 SYNTHETIC_EPOCH_STEPS = 50  # synthetic data has no epochs: evaluate every 50 steps
-SYNTHETIC_EVAL_BATCHES = 2
 
 
 @dataclass
