@@ -38,16 +38,23 @@ def run_torchrun(
     return run_killing_group(cmd, timeout=timeout, env=env or torchrun_env())
 
 
-def run_killing_group(cmd: list[str], *, timeout: float, env: dict[str, str]) -> subprocess.CompletedProcess:
+def run_killing_group(
+    cmd: list[str], *, timeout: float, env: dict[str, str], merge_stderr: bool = False
+) -> subprocess.CompletedProcess:
+    """Runs ``cmd`` in a session of its own; kills the whole group past ``timeout``.
+    ``merge_stderr``: stderr goes into stdout, in order (``result.stderr`` is then None)."""
+    stderr = subprocess.STDOUT if merge_stderr else subprocess.PIPE
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True
     )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{out}\n{err[-3000:]}") from None
+        raise AssertionError(
+            f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-3000:]}\n{(err or '')[-3000:]}"
+        ) from None
     result = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     result.orphans = _group_alive(proc.pid)  # processes of this run still alive after it ended
     if result.orphans:

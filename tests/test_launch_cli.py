@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 
 import pytest
@@ -19,7 +18,7 @@ import pytest
 from alexnet2gpu.cli import launch
 from alexnet2gpu.errors import ConfigError
 
-from .dist_launch import ROOT, torchrun_env
+from .dist_launch import run_killing_group, torchrun_env
 
 TINY_FLAGS = [
     "--data", "synthetic", "--steps", "2", "--width", "0.0625", "--image-size", "64",
@@ -106,17 +105,10 @@ def test_root_cause_is_a_killed_rank_not_the_rank_torchrun_then_stopped(tmp_path
 def _launch(args: list[str], env: dict[str, str], timeout: float = 150) -> tuple[int, list[str]]:
     """``python -m alexnet2gpu launch ARGS``: (exit status, the non-empty lines of stdout and
     stderr together, in order). The whole process group dies if it outlives ``timeout``."""
-    cmd = [sys.executable, "-m", "alexnet2gpu", "launch", *args]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    result = run_killing_group(
+        [sys.executable, "-m", "alexnet2gpu", "launch", *args], timeout=timeout, env=env, merge_stderr=True
     )
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-3000:]}") from None
-    return proc.returncode, [line for line in out.splitlines() if line.strip()]
+    return result.returncode, [line for line in result.stdout.splitlines() if line.strip()]
 
 
 @pytest.mark.distributed

@@ -23,18 +23,9 @@ from alexnet2gpu.parallel.distributed import BACKEND_CUDA, all_sum, is_collectiv
 from alexnet2gpu.train import TrainConfig, train
 from alexnet2gpu.train.faults import collective_failure
 
-from .tiny import tiny
+from .test_train import TINY
 
-TINY = dict(
-    model="dual",
-    data="synthetic",
-    **tiny("dual"),
-    num_classes=10,
-    batch_size=4,
-    placement="towers",
-    devices="cpu",
-    threads=1,
-)
+TINY = dict(TINY, threads=1)
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -117,7 +108,7 @@ def test_a_nonfinite_step_is_named_when_read_late(tmp_path, monkeypatch):
 def test_sync_every_is_checked():
     from alexnet2gpu.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="sync-every must be at least 1, got 0"):
+    with pytest.raises(ConfigError, match="sync_every must be at least 1, got 0"):  # the field, for Python callers
         TrainConfig(**TINY, steps=2, sync_every=0)
 
 
