@@ -175,7 +175,7 @@ def test_init_cfg_uses_the_released_stds(tmp_path):
     )
     result = train(TrainConfig(**TINY, init="cfg", steps=1, checkpoint_dir=str(tmp_path)))
     assert result.steps == 1
-    with pytest.raises(Exception, match="unknown --init 'he'"):
+    with pytest.raises(Exception, match="unknown init 'he'"):
         TrainConfig(**TINY, init="he")
 
 

@@ -4,9 +4,10 @@ torchrun (ranks, with data-parallel replicas when WORLD_SIZE = 2k). The paper's 
 the default (SGD, momentum 0.9, weight decay 5e-4, lr 0.01 divided by 10 on a plateau of
 the validation error at most three times, biases at twice the lr without decay, 0-255
 inputs minus the training mean image; on 10 classes it starts at lr 0.003, and says so);
---recipe d2l re-runs the seed's set-up. With --checkpoint-dir, Ctrl-C or SIGTERM writes a
-checkpoint at the current step and prints the command that resumes it. Only rank 0 prints
-and writes. Examples:
+--recipe d2l re-runs the seed's set-up. 5,000 training images are held out as the
+validation split that the schedule follows; the test set only reports. Ctrl-C or SIGTERM
+writes a checkpoint at the current step (in --checkpoint-dir, else in runs/) and prints the
+command that resumes it. Only rank 0 prints and writes. Examples:
 
   alexnet2gpu train --data synthetic --steps 20 --width 0.0625 --image-size 64
   alexnet2gpu train --model simplified --recipe d2l --image-size 112 --epochs 2 --plot curves.png
@@ -21,12 +22,11 @@ import shlex
 import signal
 import sys
 import time
+from dataclasses import Field, fields
 from pathlib import Path
 
 from ..errors import Alexnet2gpuError, ConfigError
-from ..models.names import INIT_NAMES
-from ..parallel.names import DEFAULT_TIMEOUT_S
-from ..train.names import NONFINITE_POLICIES, RECIPE_NAMES, SCHEDULES, SYNC_EVERY_STEPS
+from ..train.config import SettingError, TrainConfig
 from .arguments import add_model_arguments, add_placement_arguments, check_output_dir, check_output_file
 from .launch import LAUNCHED_ENV, record_root_cause
 
@@ -35,144 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add_model_arguments(parser)
     add_placement_arguments(parser)
-    _add_data_arguments(parser)
-    _add_training_arguments(parser)
-    _add_output_arguments(parser)
-
-
-def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    data = parser.add_argument_group("data")
-    data.add_argument(
-        "--data",
-        default="fashion-mnist",
-        help="fashion-mnist, synthetic, or a folder with train/ and val/ (default: %(default)s)",
-    )
-    data.add_argument(
-        "--data-dir",
-        default=None,
-        help="folder of the Fashion-MNIST IDX files (default: /usr/share/datasets/fashion-mnist, "
-        "else a torchvision download)",
-    )
-    data.add_argument(
-        "--train-subset",
-        type=int,
-        default=None,
-        metavar="N",
-        help="train on the first N training images only (quick runs)",
-    )
-    data.add_argument(
-        "--val-size",
-        type=int,
-        default=None,
-        metavar="N",
-        help="hold N training images out as the validation split, which the plateau schedule follows; the test "
-        "set only reports (default: 5,000 of Fashion-MNIST's 60,000, 1 in 12 of a folder's train/; 0: none)",
-    )
-    data.add_argument(
-        "--ten-crop",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="evaluate image folders on 10 crops, softmax averaged (paper 4.1)",
-    )
-    data.add_argument("--workers", type=int, default=None, help="loader worker processes (default: automatic)")
-
-
-def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    run = parser.add_argument_group("training")
-    run.add_argument(
-        "--recipe",
-        default="paper",
-        choices=RECIPE_NAMES,
-        help="paper: SGD momentum 0.9, wd 5e-4, lr 0.01, /10 on plateau, N(0, 0.01) init; "
-        "d2l: the seed's plain SGD lr 0.01, Xavier init, 10 epochs (default: %(default)s)",
-    )
-    run.add_argument(
-        "--init",
-        default=None,
-        choices=INIT_NAMES,
-        help="initialisation (default: the recipe's; paper: N(0, 0.01); cfg: the released "
-        "layers-145.cfg, std 0.03 in conv3-5; xavier: d2l's)",
-    )
-    run.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="torch.compile the placed net; the compile time is reported on its own line (default: off)",
-    )
-    run.add_argument("--steps", type=int, default=None, help="total optimizer steps (default: the epochs')")
-    run.add_argument("--epochs", type=int, default=None, help="epochs (default: the recipe's, paper 90, d2l 10)")
-    run.add_argument(
-        "--batch-size", type=int, default=None, help="global batch, split over data-parallel replicas (default: 128)"
-    )
-    run.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's, 0.01)")
-    run.add_argument("--momentum", type=float, default=None, help="SGD momentum (default: the recipe's)")
-    run.add_argument("--weight-decay", type=float, default=None, help="weight decay (default: the recipe's)")
-    run.add_argument(
-        "--schedule",
-        default=None,
-        choices=SCHEDULES,
-        help="how the lr moves: plateau (/10 when validation accuracy stops improving), constant, or cosine "
-        "(to 0 over the run) (default: the recipe's; paper: plateau, d2l: constant)",
-    )
-    run.add_argument(
-        "--seed", type=int, default=0, help="run seed: weights, data order, dropout (default: %(default)s)"
-    )
-    run.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: torch's)")
-    run.add_argument(
-        "--on-nonfinite",
-        default="stop",
-        choices=NONFINITE_POLICIES,
-        help="a NaN/inf loss or gradient: stop the run, or skip that step (default: %(default)s)",
-    )
-    run.add_argument(
-        "--sync-every",
-        type=int,
-        default=SYNC_EVERY_STEPS,
-        metavar="N",
-        help="read the loss and non-finite flags from the device every N steps: each read waits for the GPU's "
-        "queue (default: %(default)s)",
-    )
-    run.add_argument(
-        "--timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT_S,
-        help="seconds a collective waits for a dead or hung rank before the job fails (ranks; default: %(default)s)",
-    )
-
-
-def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
-    out = parser.add_argument_group("output")
-    out.add_argument(
-        "--metrics",
-        default=None,
-        metavar="PATH",
-        help="append one JSON object per step and per evaluation to PATH (rank 0)",
-    )
-    out.add_argument("--checkpoint-dir", default=None, metavar="DIR", help="write checkpoints to DIR (rank 0)")
-    out.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=0,
-        metavar="N",
-        help="also checkpoint every N steps (default: only at the end)",
-    )
-    out.add_argument("--keep", type=int, default=3, help="checkpoints kept in DIR (default: %(default)s)")
-    out.add_argument(
-        "--resume",
-        nargs="?",
-        const=True,
-        default=False,
-        metavar="PATH",
-        help="continue from PATH, or without PATH from the newest valid checkpoint in "
-        "--checkpoint-dir (a fresh start if there is none yet)",
-    )
-    out.add_argument(
-        "--weights",
-        default=None,
-        metavar="PATH",
-        help="start from the weights of this checkpoint (same model, any placement) with a fresh optimizer, "
-        "schedule and data order: a second stage of training, e.g. a warm restart",
-    )
+    groups = add_config_arguments(parser)
+    out = groups["output"]
     out.add_argument(
         "--plot",
         default=None,
@@ -187,50 +51,50 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="when stdout is not a terminal, a progress line every SECONDS (default: %(default)s)",
     )
-    out.add_argument("--quiet", action="store_true", help="no live display, only the summary")
+    out.add_argument("--quiet", action="store_true", help="no live display, only the summary (default: off)")
 
 
-def config_from_args(args: argparse.Namespace):
-    from ..train import TrainConfig
+def flag_of(setting: Field) -> str:
+    """A :class:`TrainConfig` field's flag: its metadata's ``flag``, else ``--`` and its name
+    with ``-`` for ``_`` (``batch_size``: ``--batch-size``)."""
+    return setting.metadata.get("flag") or "--" + setting.name.replace("_", "-")
 
-    return TrainConfig(
-        model=args.model,
-        placement=args.placement,
-        devices=args.devices,
-        data=args.data,
-        data_dir=args.data_dir,
-        train_subset=args.train_subset,
-        in_channels=args.in_channels,
-        num_classes=args.num_classes,
-        image_size=args.image_size,
-        width=args.width,
-        dropout=args.dropout,
-        recipe=args.recipe,
-        init=args.init,
-        compile=args.compile,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        schedule=args.schedule,
-        batch_size=args.batch_size,
-        steps=args.steps,
-        epochs=args.epochs,
-        seed=args.seed,
-        threads=args.threads,
-        workers=args.workers,
-        ten_crop=args.ten_crop,
-        checkpoint_dir=args.checkpoint_dir,
-        checkpoint_every=args.checkpoint_every,
-        keep=args.keep,
-        resume=args.resume,
-        weights=args.weights,
-        metrics=args.metrics,
-        on_nonfinite=args.on_nonfinite,
-        timeout=args.timeout,
-        sync_every=args.sync_every,
-        val_size=args.val_size,
-        interrupt_dir=None if args.checkpoint_dir else interrupt_folder(args),
-    )
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
+    """One flag per :class:`TrainConfig` field, from the field's metadata (its default, help,
+    group, choices...), in the groups the fields name; returns the groups by name. The
+    model and placement fields' flags are cli.arguments', shared with the other commands."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for setting in fields(TrainConfig):
+        meta = setting.metadata
+        if not setting.init or "cli" in meta:  # shared, or no flag (interrupt_dir)
+            continue
+        if meta["group"] not in groups:
+            groups[meta["group"]] = parser.add_argument_group(meta["group"])
+        kwargs = {key: meta[key] for key in ("choices", "metavar", "type", "nargs", "const") if key in meta}
+        kind = setting.type.split(" | ")[0]  # the annotation, a string: "int | None" -> "int"
+        if kind == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind in ("int", "float"):
+            kwargs.setdefault("type", {"int": int, "float": float}[kind])
+        text = meta["help"] if "default:" in meta["help"] else f"{meta['help']} (default: %(default)s)"
+        groups[meta["group"]].add_argument(
+            flag_of(setting), dest=setting.name, default=setting.default, help=text, **kwargs
+        )
+    return groups
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` of the parsed flags; a refused setting is named by its flag."""
+    given = {setting.name: getattr(args, setting.name) for setting in fields(TrainConfig) if _has_flag(setting)}
+    try:
+        return TrainConfig(**given, interrupt_dir=None if args.checkpoint_dir else interrupt_folder(args))
+    except SettingError as error:
+        raise ConfigError(error.naming(flag_of)) from None
+
+
+def _has_flag(setting: Field) -> bool:
+    return setting.init and setting.metadata.get("cli") != "none"
 
 
 def interrupt_folder(args: argparse.Namespace) -> str:

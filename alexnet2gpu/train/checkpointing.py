@@ -266,7 +266,7 @@ def load_everywhere(layout: Layout, source: Path) -> dict:
 
 
 def check_resume_config(state: dict, config: TrainConfig, source: Path) -> None:
-    """Refuses a checkpoint written with another model, batch, seed or data set."""
+    """Refuses a checkpoint written with another model, batch, seed, data set or recipe."""
     saved = state.get("config", {})
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"{source} is not an alexnet2gpu training checkpoint (format {state.get('format')})")
@@ -277,6 +277,11 @@ def check_resume_config(state: dict, config: TrainConfig, source: Path) -> None:
                 f"{source} was written with --{key.replace('_', '-')} {saved[key]}, this run has "
                 f"{mine}: resume with the same setting"
             )
+    if "recipe" in saved and saved["recipe"] != config.recipe:  # another optimiser, schedule and initialisation
+        raise ConfigError(
+            f"checkpoint {source} was written by a run with recipe {saved['recipe']}; this run has recipe "
+            f"{config.recipe}: resume with --recipe {saved['recipe']}, or start a new run with --weights {source}"
+        )
 
 
 def load_weights(layout: Layout, placed: nn.Module, source: Path, model: str) -> None:

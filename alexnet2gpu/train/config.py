@@ -20,13 +20,13 @@ is given) with the released code's initialisation (unless ``--init`` is given).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from ..errors import ConfigError
 from ..models.names import INIT_NAMES
 from ..parallel.names import DEFAULT_TIMEOUT_S
-from .names import NONFINITE_POLICIES, SCHEDULES, SYNC_EVERY_STEPS
+from .names import NONFINITE_POLICIES, RECIPE_NAMES, SCHEDULES, SYNC_EVERY_STEPS
 
 __all__ = [
     "CPU_SIZED_COMMAND",
@@ -41,6 +41,7 @@ __all__ = [
     "SYNTHETIC_EPOCH_STEPS",
     "EvalRecord",
     "Recipe",
+    "SettingError",
     "StepRecord",
     "TrainConfig",
     "TrainResult",
@@ -116,84 +117,195 @@ D2L_PLAIN_SGD_STALLS = ("dual", "half")
 SYNTHETIC_EPOCH_STEPS = 50  # synthetic data has no epochs: evaluate every 50 steps
 
 
+class SettingError(ConfigError):
+    """A :class:`TrainConfig` setting refused, its message naming fields (``batch_size must be
+    at least 1, got 0``). ``template`` has ``{name}`` for each field named, ``{field}`` for
+    ``field``'s name and ``{key}`` for each value by keyword: :meth:`naming` can reword it."""
+
+    def __init__(self, template: str, field: str | None = None, **values) -> None:
+        self.template, self.field, self.values = template, field, values
+        super().__init__(self.naming(lambda f: f.name))
+
+    def naming(self, name_of) -> str:
+        """The message with ``name_of(dataclasses.Field)`` for each field's name (the CLI: its flag)."""
+        names = {f.name: name_of(f) for f in fields(TrainConfig)}
+        return self.template.format(**names, **self.values, field=names.get(self.field))
+
+
+SHARED = {"cli": "shared"}  # the flag is cli.arguments' (shared with the other commands): same name and default
+
+
+def setting(default, group: str, help: str, **flag):
+    """A :class:`TrainConfig` field and its command-line flag, declared once: ``group`` is
+    its section of ``train --help``, ``help`` its text (which says the default, else the
+    parser adds it); ``flag`` may give ``flag`` (the name; else ``--`` and the field's
+    name with ``-`` for ``_``), ``choices``, ``metavar``, ``type``, ``nargs`` and ``const``."""
+    return field(default=default, metadata={"group": group, "help": help, **flag})
+
+
+def _per_recipe(key: str) -> str:
+    """A recipe value for a help text: ``128``, or ``paper 90, d2l 10``."""
+    said = {name: format(getattr(r, key), "" if key in ("init", "schedule") else "g") for name, r in RECIPES.items()}
+    same = len(set(said.values())) == 1
+    return said["paper"] if same else ", ".join(f"{name} {value}" for name, value in said.items())
+
+
 @dataclass
 class TrainConfig:
-    """Everything a run needs; the command line maps onto it one flag per field."""
+    """Everything a run needs. Each field is declared once, here: the command line makes
+    one flag of each (``batch_size``: ``--batch-size``), from its metadata (:func:`setting`)."""
 
-    model: str = "dual"
-    placement: str = "auto"
-    devices: str | None = None
-    data: str = "fashion-mnist"  # "fashion-mnist", "synthetic" or an image-folder path
-    data_dir: str | None = None  # Fashion-MNIST IDX files
-    train_subset: int | None = None
-    val_size: int | None = None  # images held out of the training set for validation; None: 5,000 (1 in 12)
-    in_channels: int | None = None
-    num_classes: int | None = None  # synthetic only; real data sets bring their own
-    image_size: int | None = None
-    width: float = 1.0
-    dropout: float = 0.5
-    recipe: str = "paper"
-    init: str | None = None  # None: the recipe's; "cfg": the released code's (std 0.03 in conv3-5)
-    compile: bool = False  # torch.compile the placed net
-    lr: float | None = None  # None: the recipe's
-    momentum: float | None = None
-    weight_decay: float | None = None
-    schedule: str | None = None  # None: the recipe's
-    batch_size: int | None = None  # global batch; None: the recipe's (128)
-    steps: int | None = None  # total optimizer steps; None: epochs x batches per epoch
-    epochs: int | None = None  # None: the recipe's (paper 90, d2l 10)
-    seed: int = 0
-    threads: int | None = None
-    workers: int | None = None
-    ten_crop: bool = False
-    checkpoint_dir: str | None = None
-    interrupt_dir: str | None = None  # without checkpoint_dir: where SIGINT/SIGTERM write the checkpoint
-    checkpoint_every: int = 0  # steps; 0: only at the end
-    keep: int = 3
-    resume: str | bool = False  # a path, True for the newest in checkpoint_dir
-    weights: str | None = None  # start from this checkpoint's weights, with a fresh optimizer, schedule and data order
-    metrics: str | None = None  # JSONL path
-    on_nonfinite: str = "stop"
-    timeout: float = DEFAULT_TIMEOUT_S  # process-group timeout in seconds (ranks)
-    sync_every: int = SYNC_EVERY_STEPS  # steps between host reads of the step numbers (one device sync each)
+    model: str = field(default="dual", metadata=SHARED)
+    in_channels: int | None = field(default=None, metadata=SHARED)
+    num_classes: int | None = field(default=None, metadata=SHARED)  # synthetic only; real data sets bring their own
+    image_size: int | None = field(default=None, metadata=SHARED)
+    width: float = field(default=1.0, metadata=SHARED)
+    dropout: float = field(default=0.5, metadata=SHARED)
+    placement: str = field(default="auto", metadata=SHARED)
+    devices: str | None = field(default=None, metadata=SHARED)
+
+    data: str = setting("fashion-mnist", "data", "fashion-mnist, synthetic, or a folder with train/ and val/")
+    data_dir: str | None = setting(
+        None,
+        "data",
+        "the Fashion-MNIST IDX files' folder (default: /usr/share/datasets/fashion-mnist, else downloaded)",
+    )
+    train_subset: int | None = setting(
+        None, "data", "train on the first N training images only, for quick runs (default: all)", metavar="N"
+    )
+    val_size: int | None = setting(
+        None,
+        "data",
+        "hold N training images out as the validation split, which the plateau schedule follows; the test set only "
+        "reports (default: 5,000 of Fashion-MNIST's 60,000, 1 in 12 of a folder's train/; 0: none)",
+        metavar="N",
+    )
+    ten_crop: bool = setting(
+        False, "data", "evaluate image folders on 10 crops, softmax averaged (paper 4.1) (default: off)"
+    )
+    workers: int | None = setting(None, "data", "loader worker processes (default: automatic)")
+
+    recipe: str = setting(
+        "paper",
+        "training",
+        "paper: SGD momentum 0.9, wd 5e-4, lr 0.01, /10 on plateau, N(0, 0.01) init; d2l: the seed's plain SGD "
+        "lr 0.01, Xavier init, 10 epochs",
+        choices=RECIPE_NAMES,
+    )
+    init: str | None = setting(
+        None,
+        "training",
+        "initialisation (default: the recipe's; paper: N(0, 0.01); cfg: the released layers-145.cfg, std 0.03 in "
+        "conv3-5; xavier: d2l's)",
+        choices=INIT_NAMES,
+    )
+    compile: bool = setting(
+        False, "training", "torch.compile the placed net; the compile time is reported on its own line (default: off)"
+    )
+    steps: int | None = setting(None, "training", "total optimizer steps (default: the epochs')")
+    epochs: int | None = setting(None, "training", f"epochs (default: the recipe's, {_per_recipe('epochs')})")
+    batch_size: int | None = setting(
+        None,
+        "training",
+        f"global batch, split over data-parallel replicas (default: the recipe's, {_per_recipe('batch_size')})",
+    )
+    lr: float | None = setting(
+        None,
+        "training",
+        f"learning rate (default: the recipe's, {_per_recipe('lr')}; paper on {FEW_CLASSES} classes or fewer: "
+        f"{RECIPES['paper'].few_classes_lr:g})",
+    )
+    momentum: float | None = setting(
+        None, "training", f"SGD momentum (default: the recipe's, {_per_recipe('momentum')})"
+    )
+    weight_decay: float | None = setting(
+        None, "training", f"weight decay (default: the recipe's, {_per_recipe('weight_decay')})"
+    )
+    schedule: str | None = setting(
+        None,
+        "training",
+        "how the lr moves: plateau (/10 when validation accuracy stops improving), constant, or cosine (to 0 over "
+        f"the run) (default: the recipe's, {_per_recipe('schedule')})",
+        choices=SCHEDULES,
+    )
+    seed: int = setting(0, "training", "run seed: weights, data order, dropout")
+    threads: int | None = setting(None, "training", "CPU threads per process (default: torch's)")
+    on_nonfinite: str = setting(
+        "stop", "training", "a NaN/inf loss or gradient: stop the run, or skip that step", choices=NONFINITE_POLICIES
+    )
+    sync_every: int = setting(
+        SYNC_EVERY_STEPS,
+        "training",
+        "read the loss and non-finite flags from the device every N steps: each read waits for the GPU's queue",
+        metavar="N",
+    )
+    timeout: float = setting(
+        DEFAULT_TIMEOUT_S, "training", "seconds a collective waits for a dead or hung rank before the job fails (ranks)"
+    )
+
+    metrics: str | None = setting(
+        None,
+        "output",
+        "append one JSON object per step and per evaluation to PATH (rank 0; default: none)",
+        metavar="PATH",
+    )
+    checkpoint_dir: str | None = setting(
+        None, "output", "write checkpoints to DIR (rank 0; default: none; Ctrl-C writes one under runs/)", metavar="DIR"
+    )
+    checkpoint_every: int = setting(
+        0, "output", "also checkpoint every N steps (default: 0, only at the end)", metavar="N"
+    )
+    keep: int = setting(3, "output", "checkpoints kept in DIR")
+    resume: str | bool = setting(  # a path, or True: the newest in checkpoint_dir
+        False,
+        "output",
+        "continue from PATH, or without PATH from the newest valid checkpoint in --checkpoint-dir, if there is "
+        "one yet (default: a fresh start)",
+        nargs="?",
+        const=True,
+        metavar="PATH",
+    )
+    weights: str | None = setting(
+        None,
+        "output",
+        "start from the weights of this checkpoint (same model, any placement) with a fresh optimizer, schedule "
+        "and data order: a second stage of training, e.g. a warm restart (default: none)",
+        metavar="PATH",
+    )
+    # not a flag: without checkpoint_dir, where SIGINT/SIGTERM write the checkpoint (the CLI's runs/...)
+    interrupt_dir: str | None = field(default=None, metadata={"cli": "none"})
 
     def __post_init__(self) -> None:
-        if self.recipe not in RECIPES:
-            raise ConfigError(f"unknown recipe '{self.recipe}': choose one of {', '.join(RECIPES)}")
-        if self.init is not None and self.init not in INIT_NAMES:
-            raise ConfigError(f"unknown --init '{self.init}': choose one of {', '.join(INIT_NAMES)}")
+        for f in fields(self):
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if choices and value is not None and value not in choices:
+                options = ", ".join(choices)
+                raise SettingError(
+                    "unknown {field} '{value}': choose one of {options}", f.name, value=value, options=options
+                )
         self._check_ranges()
         self._refuse_pairs_that_do_not_learn()
-        if self.schedule is not None and self.schedule not in SCHEDULES:
-            raise ConfigError(f"unknown --schedule '{self.schedule}': choose one of {', '.join(SCHEDULES)}")
-        if self.on_nonfinite not in NONFINITE_POLICIES:
-            raise ConfigError(f"--on-nonfinite must be stop or skip, got '{self.on_nonfinite}'")
-        for name in ("steps", "epochs", "batch_size", "threads", "train_subset", "sync_every"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if self.checkpoint_every < 0 or self.keep < 1:
-            raise ConfigError(
-                f"--checkpoint-every must be >= 0 and keep >= 1, got {self.checkpoint_every}, {self.keep}"
-            )
-        if self.val_size is not None and self.val_size < 0:
-            raise ConfigError(f"--val-size must be 0 or more images, got {self.val_size}")
-        if self.timeout <= 0:
-            raise ConfigError(f"--timeout must be positive seconds, got {self.timeout}")
+        self._check_paths()
+
+    def _check_paths(self) -> None:
+        """Paths that cannot work, and flags that cannot go together."""
         if self.data not in ("fashion-mnist", "synthetic") and Path(self.data).is_file():
-            raise ConfigError(
-                f"--data {self.data} is a file: give a folder with train/ and val/ (one folder per class), "
-                "fashion-mnist or synthetic"
+            raise SettingError(
+                "{data} {path} is a file: give a folder with train/ and val/ (one folder per class), "
+                "fashion-mnist or synthetic",
+                path=self.data,
             )
-        if self.resume and not self.checkpoint_dir and self.resume is True:
-            raise ConfigError("--resume without a path needs --checkpoint-dir DIR to look for the newest checkpoint")
+        if self.resume is True and not self.checkpoint_dir:
+            raise SettingError(
+                "{resume} without a path needs {checkpoint_dir}, the folder to look for the newest checkpoint in"
+            )
         if self.resume not in (False, True) and not Path(self.resume).is_file():
-            raise ConfigError(f"--resume {self.resume}: no such checkpoint file")
+            raise SettingError("{resume} {path}: no such checkpoint file", path=self.resume)
         if self.weights is not None and not Path(self.weights).is_file():
-            raise ConfigError(f"--weights {self.weights}: no such checkpoint file")
+            raise SettingError("{weights} {path}: no such checkpoint file", path=self.weights)
         if self.weights is not None and self.resume:
-            raise ConfigError(
-                "--weights starts a new run from a checkpoint's weights, --resume continues one: give one"
+            raise SettingError(
+                "{weights} starts a new run from a checkpoint's weights, {resume} continues one: give one"
             )
 
     def _refuse_pairs_that_do_not_learn(self) -> None:
@@ -205,46 +317,50 @@ class TrainConfig:
             # torchvision's AlexNet has no LRN; on 0-255 inputs its loss starts at 18-23: at
             # lr 0.003 it went non-finite at step 8, at lr 0.001 and with Xavier weights it
             # stayed near chance
-            raise ConfigError(
-                "--model torchvision with --recipe paper does not learn on Fashion-MNIST (no LRN: its loss on "
-                "0-255 inputs starts near 20 and diverged, measured): use --recipe d2l, or --model dual/half/simplified"
+            raise SettingError(
+                "{model} torchvision with {recipe} paper does not learn on Fashion-MNIST (no LRN: its loss on "
+                "0-255 inputs starts near 20 and diverged, measured): use {recipe} d2l, or {model} "
+                "dual/half/simplified"
             )
         if self.recipe == "d2l" and self.momentum is None and self.model in D2L_PLAIN_SGD_STALLS:
             # plain SGD at lr 0.01 (the seed's): loss 2.300 -> 2.302 over a whole epoch
-            raise ConfigError(
-                f"--model {self.model} with the d2l recipe's plain SGD stayed at chance for a whole epoch on "
-                "Fashion-MNIST (measured): add --momentum 0.9 (0.78 after one epoch with --lr 0.02), "
-                "or --momentum 0 to run it anyway"
+            raise SettingError(
+                "{model} {name} with the d2l recipe's plain SGD stayed at chance for a whole epoch on "
+                "Fashion-MNIST (measured): add {momentum} 0.9 (0.78 after one epoch with {lr} 0.02), "
+                "or {momentum} 0 to run it anyway",
+                name=self.model,
             )
 
     def _check_ranges(self) -> None:
-        """Numbers out of range, refused before any work with the flag and what works."""
+        """Numbers out of range, refused before any work with the setting and what works."""
         checks = (
-            ("lr", self.lr, lambda v: v > 0, "a positive number, e.g. 0.01"),
-            ("momentum", self.momentum, lambda v: 0 <= v < 1, "a value in [0, 1), e.g. 0.9"),
-            ("weight_decay", self.weight_decay, lambda v: v >= 0, "0 or more, e.g. 5e-4"),
-            ("dropout", self.dropout, lambda v: 0 <= v < 1, "a value in [0, 1), e.g. 0.5"),
-            ("width", self.width, lambda v: v > 0, "positive, e.g. 1 or 0.0625"),
-            ("workers", self.workers, lambda v: v >= 0, "0 or more"),
+            ("lr", lambda v: v > 0, "a positive number, e.g. 0.01"),
+            ("momentum", lambda v: 0 <= v < 1, "a value in [0, 1), e.g. 0.9"),
+            ("weight_decay", lambda v: v >= 0, "0 or more, e.g. 5e-4"),
+            ("dropout", lambda v: 0 <= v < 1, "a value in [0, 1), e.g. 0.5"),
+            ("width", lambda v: v > 0, "positive, e.g. 1 or 0.0625"),
+            ("workers", lambda v: v >= 0, "0 or more"),
+            ("timeout", lambda v: v > 0, "a positive number of seconds, e.g. 180"),
         )
-        for name, value, ok, want in checks:
+        for name, ok, want in checks:
+            value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and ok(value)):
-                raise ConfigError(f"--{name.replace('_', '-')} {value:g} is out of range: give {want}")
+                raise SettingError("{field} {value:g} is out of range: give {want}", name, value=value, want=want)
+        for name in ("steps", "epochs", "batch_size", "threads", "train_subset", "sync_every", "keep"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise SettingError("{field} must be at least 1, got {value}", name, value=value)
+        for name, what in (("checkpoint_every", "steps"), ("val_size", "images")):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise SettingError("{field} must be 0 or more {what}, got {value}", name, value=value, what=what)
 
     @property
     def hyper(self) -> Recipe:
-        """The recipe with this run's overrides applied (before :meth:`for_classes`)."""
-        r = RECIPES[self.recipe]
-        return replace(
-            r,
-            init=r.init if self.init is None else self.init,
-            lr=r.lr if self.lr is None else self.lr,
-            momentum=r.momentum if self.momentum is None else self.momentum,
-            weight_decay=r.weight_decay if self.weight_decay is None else self.weight_decay,
-            schedule=r.schedule if self.schedule is None else self.schedule,
-            batch_size=r.batch_size if self.batch_size is None else self.batch_size,
-            epochs=r.epochs if self.epochs is None else self.epochs,
-        )
+        """The recipe with this run's overrides applied (before :meth:`for_classes`): each
+        setting named as a recipe field (lr, epochs...) that is not None."""
+        given = {f.name: getattr(self, f.name) for f in fields(Recipe) if getattr(self, f.name, None) is not None}
+        return replace(RECIPES[self.recipe], **given)
 
     def for_classes(self, num_classes: int) -> tuple[Recipe, list[str]]:
         """The recipe for a data set of ``num_classes`` classes, and the departures from its
