@@ -102,6 +102,15 @@ def test_root_cause_is_a_killed_rank_not_the_rank_torchrun_then_stopped(tmp_path
     assert line.startswith("alexnet2gpu launch: rank 1 (local rank 1) exited with status 3") and code == 3
 
 
+def test_an_aborted_rank_is_named_with_what_nccl_s_watchdog_does(tmp_path):
+    # gloo raises inside the collective; NCCL's watchdog aborts the process (SIGABRT) instead
+    line, code = launch.root_cause({0: _failure(tmp_path, 0, -signal.SIGABRT)})
+    assert line.startswith(
+        "alexnet2gpu launch: rank 0 (local rank 0) ended by SIGABRT: on GPUs, usually NCCL's watchdog"
+    )
+    assert "--timeout" in line and code == 128 + signal.SIGABRT
+
+
 def _launch(args: list[str], env: dict[str, str], timeout: float = 150) -> tuple[int, list[str]]:
     """``python -m alexnet2gpu launch ARGS``: (exit status, the non-empty lines of stdout and
     stderr together, in order). The whole process group dies if it outlives ``timeout``."""

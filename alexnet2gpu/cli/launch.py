@@ -32,6 +32,16 @@ __all__ = ["LAUNCHED_ENV", "LaunchError", "add_arguments", "record_root_cause", 
 LAUNCHED_ENV = "ALEXNET2GPU_LAUNCHED"
 _KEY = "alexnet2gpu"  # this project's part of torchelastic's error file
 _LAUNCHER_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # how torchrun, or Ctrl-C, stops the others
+# What a death by these signals usually means here. NCCL reports asynchronously: its watchdog
+# thread, not the collective's call, notices a collective that outlived the process-group
+# timeout and aborts the process (ProcessGroupNCCL.cpp: "To avoid data inconsistency, we are
+# taking the entire process down"), so under NCCL a hung peer ends the job this way.
+_SIGNAL_CAUSES = {
+    signal.SIGABRT: (
+        ": on GPUs, usually NCCL's watchdog ending a collective that outlived the process-group timeout "
+        "(--timeout) because a peer hung or died; that rank's log above has the watchdog's line"
+    ),
+}
 _TORCHRUN_OWN = ("-m", "--module", "--no-python", "--no_python", "--run-path", "--run_path")
 
 
@@ -170,7 +180,8 @@ def _describe(rank: int, failure) -> _Failure:
         # torchrun stamps a death by a signal in whole seconds when it sees it; the death
         # came before that second, so it sorts before the errors other ranks wrote in it
         order = (2 if number in _LAUNCHER_SIGNALS else 0, failure.timestamp - 1)
-        return _Failure(rank, f"alexnet2gpu launch: {who} ended by {_signal_name(number)}", 128 + number, order)
+        why = _SIGNAL_CAUSES.get(number, "")
+        return _Failure(rank, f"alexnet2gpu launch: {who} ended by {_signal_name(number)}{why}", 128 + number, order)
     if failure.error_file != "<N/A>":  # an error file in torchelastic's layout (@record)
         message = failure.message.get("message", "") if isinstance(failure.message, dict) else failure.message
         text = str(message).strip().splitlines()[0] if str(message).strip() else "no message"
