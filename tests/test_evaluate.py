@@ -233,3 +233,23 @@ def test_a_cpu_checkpoint_evaluates_on_cuda(tmp_path):
     cuda = evaluate_checkpoint(result.checkpoint, devices="cuda:0", **kw)
     assert cuda.device == "cuda:0" and cuda.images == cpu.images == 48
     assert abs(cuda.top1 - cpu.top1) <= 1 / 48  # cuDNN's sums may move one near-tie
+
+
+def test_a_thousand_classes_draw_at_a_fixed_size_and_list_the_worst(tmp_path, capsys):
+    # ImageNet's 1,000 classes: a name and a count per cell made a 550-inch figure (the
+    # process was killed at 22.6 GB); now the matrix is drawn alone at 10 inches.
+    from PIL import Image
+
+    from alexnet2gpu.report.evaluate import MAX_NAMED_CLASSES
+
+    config = TrainConfig(
+        model="dual", data="synthetic", num_classes=1000, width=TINY_WIDTH, image_size=TINY_SIZE["dual"],
+        batch_size=4, steps=2, checkpoint_dir=str(tmp_path / "run"), devices="cpu", placement="towers",
+    )  # fmt: skip
+    result = train(config)
+    assert evaluate_cli.run(_args([result.checkpoint, "--json", str(tmp_path / "eval.json")])) == 0
+    out = " ".join(capsys.readouterr().out.split())  # the title may wrap
+    assert f"the {MAX_NAMED_CLASSES} least accurate of 1,000 classes" in out
+    with Image.open(tmp_path / "eval-confusion.png") as png:
+        assert max(png.size) <= 1500
+    assert len(json.loads((tmp_path / "eval.json").read_text())["confusion"]) == 1000

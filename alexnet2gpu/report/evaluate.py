@@ -16,6 +16,11 @@ from . import console, fmt_int
 
 __all__ = ["render_evaluation", "write_confusion_png"]
 
+# Past this many classes (ImageNet's 1,000) the table lists the worst classes only, and the
+# PNG draws the matrix without names or counts at a fixed size: a cell per class and a
+# count per cell would make a 1000x1000-text figure tens of thousands of pixels wide.
+MAX_NAMED_CLASSES = 30
+
 
 def _pct(value: float | None) -> str:
     return "" if value is None else f"{100 * value:.2f} %"
@@ -50,13 +55,19 @@ def render_evaluation(record: EvaluationRecord) -> None:
             f"centre crop alone: top-1 {record.single_crop['top1']:.4f}   "
             f"top-{record.top_k} {record.single_crop['top5']:.4f}"
         )
-    table = Table(title=f"per class ({record.split} split)", title_justify="left")
+    rows = list(enumerate(record.per_class))
+    title = f"per class ({record.split} split)"
+    if len(rows) > MAX_NAMED_CLASSES:
+        rows = sorted(rows, key=lambda row: (row[1].accuracy is None, row[1].accuracy or 0.0))[:MAX_NAMED_CLASSES]
+        total = fmt_int(len(record.per_class))
+        title = f"the {MAX_NAMED_CLASSES} least accurate of {total} classes ({record.split} split; all in the JSON)"
+    table = Table(title=title, title_justify="left")
     table.add_column("class")
     table.add_column("images", justify="right")
     table.add_column("correct", justify="right")
     table.add_column("accuracy", justify="right")
     table.add_column("most often mistaken for")
-    for i, c in enumerate(record.per_class):
+    for i, c in rows:
         table.add_row(c.name, fmt_int(c.images), fmt_int(c.correct), _pct(c.accuracy), _worst_confusion(record, i))
     out.print(table)
     out.print(f"{record.seconds:.1f} s")
@@ -80,19 +91,21 @@ def write_confusion_png(path: str | os.PathLike, record: EvaluationRecord) -> No
     import matplotlib.pyplot as plt
 
     n = len(record.classes)
+    named = n <= MAX_NAMED_CLASSES
     shares = [[count / (sum(row) or 1) for count in row] for row in record.confusion]
-    side = max(4.5, 0.55 * n + 2.5)
+    side = max(4.5, 0.55 * n + 2.5) if named else 10.0
     figure, axes = plt.subplots(figsize=(side + 1.2, side))
     image = axes.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="share of the true class's images")
     fontsize = 8 if n <= 12 else max(3, 8 - (n - 12) // 4)
-    for i, row in enumerate(record.confusion):
+    for i, row in enumerate(record.confusion if named else []):
         for j, count in enumerate(row):
             if count or i == j:
                 colour = "white" if shares[i][j] > 0.55 else "black"
                 axes.text(j, i, fmt_int(count), ha="center", va="center", fontsize=fontsize, color=colour)
-    axes.set_xticks(range(n), record.classes, rotation=45, ha="right", fontsize=fontsize + 1)
-    axes.set_yticks(range(n), record.classes, fontsize=fontsize + 1)
+    if named:
+        axes.set_xticks(range(n), record.classes, rotation=45, ha="right", fontsize=fontsize + 1)
+        axes.set_yticks(range(n), record.classes, fontsize=fontsize + 1)
     axes.set_xlabel("predicted class")
     axes.set_ylabel("true class")
     crops = ", 10 crops" if record.crops == 10 else ""
