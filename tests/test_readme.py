@@ -99,6 +99,27 @@ def test_results_md_s_per_epoch_accuracies_are_their_records():
             assert " / ".join(f"{a:.4f}" for a in _evals(f"{net}-72px-cosine-restart-4ep")) in row, net
 
 
+def test_the_validation_split_runs_table_and_evaluate_figures_are_their_records():
+    results = RESULTS.read_text().replace("**", "")
+    section = results[results.index("## With a validation split") :]
+    evals = {
+        net: [(r["val_accuracy"], r["test_accuracy"]) for r in _records(f"{net}-72px-val-6ep") if r["event"] == "eval"]
+        for net in ("dual", "simplified")
+    }
+    assert len(evals["dual"]) == len(evals["simplified"]) == 6
+    for epoch, (dual, simplified) in enumerate(zip(evals["dual"], evals["simplified"]), 1):
+        row = f"| {epoch} | {dual[0]:.4f} | {dual[1]:.4f} | {simplified[0]:.4f} | {simplified[1]:.4f} |"
+        assert row in section, row
+    for net in ("dual", "simplified"):
+        record = json.loads((RUNS / f"{net}-72px-val-6ep-evaluate.json").read_text())
+        assert record["top1"] == evals[net][-1][1]  # evaluate reproduces the run's test accuracy
+        assert f"{record['top1']:.4f}" in section and f"{record['top5']:.4f}" in section
+        assert f"{round(_summary(f'{net}-72px-val-6ep')['train_seconds']):,} s" in section
+    readme = _flat(README.read_text()).replace("**", "")
+    assert f"`dual` test {evals['dual'][-1][1]:.4f} (validation {evals['dual'][-1][0]:.4f})" in readme
+    assert f"`simplified` {evals['simplified'][-1][1]:.4f} ({evals['simplified'][-1][0]:.4f})" in readme
+
+
 def test_the_interleaved_ratios_and_compile_times_are_their_records():
     readme = _flat(README.read_text())
     eager = json.loads((RUNS / "targets-eager.json").read_text())
