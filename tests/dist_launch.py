@@ -39,13 +39,13 @@ def run_torchrun(
 
 
 def run_killing_group(
-    cmd: list[str], *, timeout: float, env: dict[str, str], merge_stderr: bool = False
+    cmd: list[str], *, timeout: float, env: dict[str, str], merge_stderr: bool = False, cwd=ROOT
 ) -> subprocess.CompletedProcess:
     """Runs ``cmd`` in a session of its own; kills the whole group past ``timeout``.
     ``merge_stderr``: stderr goes into stdout, in order (``result.stderr`` is then None)."""
     stderr = subprocess.STDOUT if merge_stderr else subprocess.PIPE
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True
     )
     try:
         out, err = proc.communicate(timeout=timeout)

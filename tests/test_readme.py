@@ -4,13 +4,13 @@ timing claims equal the records in docs/runs they come from."""
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from .dist_launch import run_killing_group
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -166,20 +166,6 @@ def test_every_listed_command_runs_within_its_limit(tmp_path):
         argv = line.split("#")[0].split()
         cmd = [sys.executable, "-m", "alexnet2gpu", *argv[1:]]
         start = time.monotonic()
-        proc = subprocess.Popen(
-            cmd,
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        try:
-            out, _ = proc.communicate(timeout=COMMAND_LIMIT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, _ = proc.communicate()
-            pytest.fail(f"over {COMMAND_LIMIT_S} s: {line}\n{out[-3000:]}")
+        result = run_killing_group(cmd, timeout=COMMAND_LIMIT_S, env=env, merge_stderr=True, cwd=tmp_path)
         print(f"{time.monotonic() - start:6.1f} s  {line}")
-        assert proc.returncode == 0, f"exit {proc.returncode}: {line}\n{out[-3000:]}"
+        assert result.returncode == 0, f"exit {result.returncode}: {line}\n{result.stdout[-3000:]}"
