@@ -18,7 +18,7 @@ from alexnet2gpu.measure import workload as workload_mod
 from alexnet2gpu.measure.bench import bench_placed, measure_overhead, run_bench
 from alexnet2gpu.measure.estimate import estimate_memory, largest_batch_that_fits
 from alexnet2gpu.measure.timing import rates_summary, synchronize, time_repeats
-from alexnet2gpu.measure.workload import compile_placed, parse_batch_sizes
+from alexnet2gpu.measure.workload import compile_placed, make_batch, parse_batch_sizes
 
 from .close import assert_close_relative
 from .tiny import TINY, TINY_ARGS, tiny, tiny_args
@@ -222,18 +222,12 @@ def test_a_timing_waits_for_the_second_cuda_device_too():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_bench_on_cuda_takes_the_same_training_step_as_on_the_cpu(monkeypatch):
+def test_bench_on_cuda_takes_the_same_training_step_as_on_the_cpu():
     """One timed training step on cuda:0 moves the weights as the same step on the CPU does:
-    the same weights (one model, copied) and the same batch (drawn on the CPU and moved; the
-    bench draws its own from a generator on the device, and CUDA's differs from the CPU's)."""
+    the same weights (one model, copied) and the same batch (make_batch draws on the CPU and
+    moves it: a CUDA generator would draw other numbers)."""
     torch.manual_seed(0)
     model = build_model("dual", **TINY, dropout=0.0)
-    g = torch.Generator().manual_seed(0)
-    batch = (
-        torch.randn(4, 3, model.image_size, model.image_size, generator=g),
-        torch.randint(0, 1000, (4,), generator=g),
-    )
-    monkeypatch.setattr(bench_mod, "make_batch", lambda placed, *_, **__: [t.to(placed.layout.device) for t in batch])
     # TF32 (cuDNN's default for convolutions on Ampere and later) rounds the factors to 10
     # bits of mantissa, about 5e-4 relative: off for this test, so that both sides compute
     # in float32 and differ only by summation order; restored after.
@@ -253,6 +247,21 @@ def test_bench_on_cuda_takes_the_same_training_step_as_on_the_cpu(monkeypatch):
     # float32 against float64 on the CPU differs by 6e-7 of the largest move; cuDNN's
     # algorithms (Winograd, FFT) by more, so 1e-3: other weights or data would differ by O(1)
     assert_close_relative(moved["cuda:0"], moved["cpu"], 1e-3)
+
+
+def test_a_batch_is_the_same_numbers_whatever_the_device():
+    # drawn on the CPU, then moved: the meta copy has the CPU draw's shape and dtype, and
+    # two nets (two placements) get equal batches for one seed
+    model = build_model("dual", **TINY)
+    x, y = make_batch(place(copy.deepcopy(model), "towers", "cpu"), 4, seed=3)
+    x2, y2 = make_batch(place(copy.deepcopy(model), "grouped", "cpu"), 4, seed=3)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    g = torch.Generator().manual_seed(3)
+    assert torch.equal(x, torch.randn(4, 3, model.image_size, model.image_size, generator=g))
+    with torch.device("meta"):
+        on_meta = place(build_model("dual", **TINY), "towers", "meta")
+    xm, ym = make_batch(on_meta, 4, seed=3)
+    assert xm.device.type == "meta" and xm.shape == x.shape and ym.dtype == y.dtype
 
 
 def test_an_unwritable_json_path_is_one_line(tmp_path, capsys):

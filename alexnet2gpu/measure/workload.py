@@ -60,14 +60,16 @@ def device_label(placed: nn.Module) -> str:
 
 
 def make_batch(placed: nn.Module, batch_size: int, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A synthetic batch (this process's share of it under ``ranks``) made on the device
-    that takes the input, from a seeded generator so every process draws the same images."""
+    """A synthetic batch (this process's share of it under ``ranks``) on the device that
+    takes the input, drawn from a seeded CPU generator and then moved (once, before anything
+    is timed): every process and every device gets the same images for one seed, where a
+    CUDA generator draws other numbers than the CPU's."""
     device = devices_of(placed)[0]
     n = batch_size // placed.layout.dp_size
-    generator = torch.Generator(device=device).manual_seed(seed)
-    x = torch.randn(n, placed.in_channels, placed.image_size, placed.image_size, device=device, generator=generator)
-    y = torch.randint(0, placed.num_classes, (n,), device=device, generator=generator)
-    return x, y
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, placed.in_channels, placed.image_size, placed.image_size, generator=generator)
+    y = torch.randint(0, placed.num_classes, (n,), generator=generator)
+    return x.to(device), y.to(device)
 
 
 def make_optimizer(placed: nn.Module) -> torch.optim.Optimizer:
