@@ -192,3 +192,10 @@ def test_only_a_collective_error_is_reported_as_one(error, collective):
         assert str(reported).startswith("rank 0: a collective failed at step 3 (process-group timeout 180s)")
     else:
         assert reported is error  # this rank's own error, as it is: never "a peer died"
+
+
+def test_a_one_process_run_sums_over_no_ranks_even_inside_a_process_group(fake_group, tmp_path):
+    # A towers run inside someone's torchrun job (a group exists): its numbers are its own.
+    reduced = fake_group("cpu")
+    result = train(TrainConfig(**TINY, steps=3, sync_every=2, checkpoint_dir=str(tmp_path)))
+    assert result.steps == 3 and reduced == []

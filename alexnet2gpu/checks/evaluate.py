@@ -247,7 +247,7 @@ def _split_loader(loaders: Loaders, split: str, val_size: int | None):
     """The loader of ``split``; ``val`` only where the run held images out."""
     if split == "test":
         return loaders.test
-    if getattr(loaders, "val", None) is None:
+    if loaders.val is None:
         held = "holds out no validation images" if val_size == 0 else "has no validation split"
         raise ConfigError(
             f"--split val: the run {held} (--val-size 0, or written before the hold-out): use --split test"

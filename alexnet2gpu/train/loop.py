@@ -126,6 +126,11 @@ class _Run:
     resumed_from: str | None = None
     saved_path: str | None = None
 
+    def sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over every rank under ``ranks``; as it is in one process (even
+        where a process group happens to exist, e.g. a caller's torchrun job)."""
+        return all_sum(tensor) if self.layout.distributed else tensor
+
     @property
     def holds_loss(self) -> bool:
         """This process holds fc8 and the loss (always, outside ``ranks``)."""
@@ -298,7 +303,7 @@ def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor) -> None:
 
 def _step(run: _Run, x: torch.Tensor, y: torch.Tensor, step: int) -> None:
     """Forward, backward, the optimizer's and scheduler's steps. The step's numbers stay on
-    the device until the next sync point (:func:`_sync`), which writes, displays and checks
+    the device until the next sync point (:func:`.sync.sync`), which writes, displays and checks
     them."""
     layout = run.layout
     lr = run.optimizer.param_groups[0]["lr"]  # this step's (a per-step schedule moves it after)
@@ -357,7 +362,7 @@ def _save(run: _Run) -> None:
     directory = run.config.checkpoint_dir or (run.config.interrupt_dir if run.stop_signal else None)
     if not directory:
         return
-    if float(all_sum(weights_nonfinite(run.placed, run.layout.device))) != 0.0:
+    if float(run.sum_over_ranks(weights_nonfinite(run.placed, run.layout.device))) != 0.0:
         raise Alexnet2gpuError(
             f"the weights are non-finite at step {run.step}: no checkpoint written "
             f"(the previous one in {directory} is kept)"
@@ -420,5 +425,5 @@ def _accuracy(run: _Run, loader) -> tuple[float, int]:
         if run.holds_loss:
             counts[0] += (scores.argmax(1) == y).sum()
             counts[1] += len(y)
-    correct, total = all_sum(counts).tolist()
+    correct, total = run.sum_over_ranks(counts).tolist()
     return (correct / total if total else float("nan")), int(total)

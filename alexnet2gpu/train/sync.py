@@ -6,7 +6,7 @@ writes, displays and checks each in order. On a GPU every ``float()``, ``.item()
 reads its loss once per ``log_interval``, keeps the GPU fed.
 
 ``run`` is the loop's ``_Run`` (:mod:`.loop`): its config, layout, metrics, display,
-means, optimizer and the pending steps.
+means, optimizer, the pending steps and ``sum_over_ranks``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import Alexnet2gpuError
-from ..parallel.distributed import all_sum
 from .config import DIVERGENCE_FACTOR, DIVERGENCE_STEPS, StepRecord
 from .faults import diverging_message, nonfinite_message
 
@@ -41,8 +40,8 @@ def agreed_signal(run) -> int:
     CPU (gloo) under ``ranks``, so no rank waits for its device."""
     signum = run.signals.signum if run.signals else 0
     flags = [float(signum == signal.SIGINT), float(signum == signal.SIGTERM)]
-    if run.layout.distributed:
-        flags = all_sum(torch.tensor(flags, dtype=torch.float64)).tolist()
+    if run.layout.distributed:  # one process needs no tensor at all
+        flags = run.sum_over_ranks(torch.tensor(flags, dtype=torch.float64)).tolist()
     return signal.SIGINT if flags[0] else signal.SIGTERM if flags[1] else 0
 
 
@@ -54,7 +53,7 @@ def sync(run) -> bool:
         return False
     pending, run.pending = run.pending, []
     t0 = time.perf_counter()
-    rows = all_sum(torch.stack([p.stats for p in pending])).tolist()  # the one host sync
+    rows = run.sum_over_ranks(torch.stack([p.stats for p in pending])).tolist()  # the one host sync
     waited = (time.perf_counter() - t0) / len(pending)  # the device's time not seen while launching
     nonfinite = False
     for p, (loss_sum, correct, seen, bad_loss, bad_a, bad_b) in zip(pending, rows):
