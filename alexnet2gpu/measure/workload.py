@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..parallel import devices_of, forward_loss
+from ..parallel import FP32, Numerics, devices_of, forward_loss
 
 __all__ = [
     "LR",
@@ -77,11 +77,26 @@ def make_optimizer(placed: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(placed.parameters(), lr=LR, momentum=MOMENTUM)
 
 
-def train_step(placed: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
-    """One training step, the same call for every placement."""
+def train_step(
+    placed: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    numerics: Numerics = FP32,
+    scaler: torch.amp.GradScaler | None = None,
+) -> None:
+    """One training step, the same call for every placement: forward and loss under the
+    precision's autocast, backward (through ``scaler`` for float16), optimizer step."""
     optimizer.zero_grad(set_to_none=True)
-    forward_loss(placed, x, y).backward()
-    optimizer.step()
+    with numerics.autocast(devices_of(placed)):
+        loss = forward_loss(placed, x, y)
+    if scaler is None or not scaler.is_enabled():
+        loss.backward()
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def compile_placed(placed: nn.Module, *, backend: str = "inductor") -> nn.Module:

@@ -63,6 +63,17 @@ def _pow_neg(scale: torch.Tensor, beta: float, out: torch.Tensor | None = None) 
     return out.mul_(scale).rsqrt_()
 
 
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _lrn_scale(x: torch.Tensor, size: int, alpha: float, k: float, groups: int, out: torch.Tensor) -> torch.Tensor:
+    """``k + alpha/n * windowsum(x^2)`` within each group; ``out`` holds ``x * x`` on entry."""
+    n, c = x.shape[0], x.shape[1]
+    before, after = size // 2, (size - 1) // 2  # F.local_response_norm's padding
+    grouped = torch.mul(x, x, out=out).view(n, groups, c // groups, *x.shape[2:])
+    return _window_sum(grouped, before, after).mul_(alpha / size).add_(k).view_as(x)
+
+
 class _LRNFunction(torch.autograd.Function):
     """y = x * scale^-beta, scale = k + alpha/n * sum over the channel window of x^2.
 
@@ -70,25 +81,40 @@ class _LRNFunction(torch.autograd.Function):
         dx = dy * scale^-beta - (2 * alpha * beta / n) * x * windowsum'(dy * y / scale)
     where windowsum' runs over the transposed window. Saves only ``x`` (which the ReLU
     before it keeps anyway) and ``scale``; ``F.local_response_norm`` keeps about four
-    activation-sized tensors."""
+    activation-sized tensors.
+
+    bfloat16 or float16 input (under autocast): forward and backward compute in float32 and
+    return the input's dtype (x^2 summed over 5 channels overflows float16 past 114 and
+    ``scale^-0.75`` loses digits in either); only ``x``, in its own dtype, is saved, and the
+    backward recomputes ``scale`` from it, so the float32 ``scale`` is never kept."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, size: int, alpha: float, beta: float, k: float, groups: int):
-        n, c = x.shape[0], x.shape[1]
-        squares = x * x
-        before, after = size // 2, (size - 1) // 2  # F.local_response_norm's padding
-        grouped = squares.view(n, groups, c // groups, *x.shape[2:])
-        scale = _window_sum(grouped, before, after).mul_(alpha / size).add_(k).view_as(x)
-        ctx.save_for_backward(x, scale)
-        ctx.size, ctx.alpha, ctx.beta, ctx.groups = size, alpha, beta, groups
+        low = x.dtype in _LOW_PRECISION
+        xf = x.float() if low else x
+        squares = torch.empty_like(xf)
+        scale = _lrn_scale(xf, size, alpha, k, groups, out=squares)
+        if low:
+            ctx.save_for_backward(x)
+        else:
+            ctx.save_for_backward(x, scale)
+        ctx.size, ctx.alpha, ctx.beta, ctx.k, ctx.groups = size, alpha, beta, k, groups
         # The squares' buffer becomes the output: every activation-sized tensor allocated
         # here costs page faults on the CPU, so the forward makes two, not four.
-        return _pow_neg(scale, beta, out=squares).mul_(x)
+        y = _pow_neg(scale, beta, out=squares).mul_(xf)
+        return y.to(x.dtype) if low else y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x, scale = ctx.saved_tensors
         size, alpha, beta, groups = ctx.size, ctx.alpha, ctx.beta, ctx.groups
+        if len(ctx.saved_tensors) == 1:  # low precision: recompute scale in float32
+            (x_saved,) = ctx.saved_tensors
+            x = x_saved.float()
+            scale = _lrn_scale(x, size, alpha, ctx.k, groups, out=torch.empty_like(x))
+            dy = dy.float()
+        else:
+            x_saved = None
+            x, scale = ctx.saved_tensors
         scale_pow = _pow_neg(scale, beta)
         # dy * y / scale = dy * x * scale^(-beta - 1)
         ratio = (dy * x).mul_(scale_pow).div_(scale)
@@ -96,7 +122,10 @@ class _LRNFunction(torch.autograd.Function):
         before, after = size // 2, (size - 1) // 2
         summed = _window_sum(ratio.view(n, groups, c // groups, *x.shape[2:]), after, before)  # transposed window
         dx = scale_pow.mul_(dy)  # in place: three activation-sized allocations in all, not six
-        return dx.addcmul_(summed.view_as(x), x, value=-2.0 * alpha * beta / size), None, None, None, None, None
+        dx = dx.addcmul_(summed.view_as(x), x, value=-2.0 * alpha * beta / size)
+        if x_saved is not None:
+            dx = dx.to(x_saved.dtype)
+        return dx, None, None, None, None, None
 
 
 def local_response_norm(
@@ -112,7 +141,9 @@ def local_response_norm(
         # Under torch.compile the composite form lets inductor fuse the whole normalisation
         # into a few loops; the hand-written Function's in-place window sum would not fuse.
         n, c, h, w = x.shape
-        return F.local_response_norm(x.reshape(n * groups, c // groups, h, w), size, alpha, beta, k).view_as(x)
+        xf = x.float() if x.dtype in _LOW_PRECISION else x  # float32 arithmetic, as the eager path
+        y = F.local_response_norm(xf.reshape(n * groups, c // groups, h, w), size, alpha, beta, k)
+        return y.view_as(x).to(x.dtype)
     return _LRNFunction.apply(x, size, alpha, beta, k, groups)
 
 

@@ -8,7 +8,8 @@
 * :mod:`.distributed`: process groups, the store, which rank stopped;
 * :mod:`.state`: the full state dict in every placement;
 * :mod:`.loss`: the loss, computed once, on the device that holds fc8;
-* :mod:`.names`: the placements' names, without torch (the command line's choices).
+* :mod:`.precision`: a step's precision (autocast, GradScaler), memory format, numerics switches;
+* :mod:`.names`: the placements' and precisions' names, without torch (the command line's choices).
 
 Importing this package loads no torch: the rest loads on first use of one of its names
 (PEP 562's module ``__getattr__``), so ``alexnet2gpu --help`` answers at once.
@@ -18,7 +19,7 @@ import sys
 import types
 
 from .._lazy import lazy_getattr
-from .names import PLACEMENTS, TWO_TOWER_PLACEMENTS
+from .names import PLACEMENTS, PRECISIONS, TWO_TOWER_PLACEMENTS
 
 # Loaded, with torch, on first use: submodule -> the names it gives this package.
 _LAZY = {
@@ -26,16 +27,21 @@ _LAZY = {
     ".layout": ("Layout", "TorchrunEnv", "default_device", "own_forward_placement", "parse_devices", "resolve_layout"),
     ".loss": ("forward_loss",),
     ".place": ("devices_of", "place"),
+    ".precision": ("DTYPES", "FP32", "Numerics", "numerics_record"),
     ".schedule": ("ExchangeCounter",),
     ".state": ("full_state_dict", "load_full_state_dict"),
 }
 __getattr__ = lazy_getattr(__name__, _LAZY)
 __all__ = [
     "DEFAULT_TIMEOUT_S",
+    "DTYPES",
+    "FP32",
     "PLACEMENTS",
+    "PRECISIONS",
     "TWO_TOWER_PLACEMENTS",
     "ExchangeCounter",
     "Layout",
+    "Numerics",
     "TorchrunEnv",
     "close_distributed",
     "default_device",
@@ -44,6 +50,7 @@ __all__ = [
     "full_state_dict",
     "init_distributed",
     "load_full_state_dict",
+    "numerics_record",
     "own_forward_placement",
     "parse_devices",
     "place",
