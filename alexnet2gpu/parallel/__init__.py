@@ -5,6 +5,9 @@
 * :mod:`.schedule`: what every placed two-tower net shares (the schedule itself is
   :func:`alexnet2gpu.models.dual.run_towers`);
 * :mod:`.grouped`, :mod:`.split`, :mod:`.ranks`: each supplies only its exchange;
+* :mod:`.replicas` (data parallel, DDP) and :mod:`.hybrid` (Krizhevsky 2014: conv trunk data
+  parallel, fc6-fc8 tensor parallel): every net's whole trunk on every process;
+* :mod:`.traffic`: bytes sent at the collectives, counted and in closed form;
 * :mod:`.distributed`: process groups, the store, which rank stopped;
 * :mod:`.state`: the full state dict in every placement;
 * :mod:`.loss`: the loss, computed once, on the device that holds fc8;
@@ -19,7 +22,7 @@ import sys
 import types
 
 from .._lazy import lazy_getattr
-from .names import PLACEMENTS, PRECISIONS, TWO_TOWER_PLACEMENTS
+from .names import PLACEMENTS, PRECISIONS, PROCESS_PLACEMENTS, SINGLE_STREAM_PLACEMENTS, TWO_TOWER_PLACEMENTS
 
 # Loaded, with torch, on first use: submodule -> the names it gives this package.
 _LAZY = {
@@ -29,7 +32,8 @@ _LAZY = {
     ".place": ("devices_of", "place"),
     ".precision": ("DTYPES", "FP32", "Numerics", "numerics_record"),
     ".schedule": ("ExchangeCounter",),
-    ".state": ("full_state_dict", "load_full_state_dict"),
+    ".state": ("full_gradients", "full_state_dict", "load_full_state_dict"),
+    ".traffic": ("CollectiveCounter", "count_collectives", "hybrid_bytes", "replicas_bytes", "towers_bytes"),
 }
 __getattr__ = lazy_getattr(__name__, _LAZY)
 __all__ = [
@@ -38,23 +42,31 @@ __all__ = [
     "FP32",
     "PLACEMENTS",
     "PRECISIONS",
+    "PROCESS_PLACEMENTS",
+    "SINGLE_STREAM_PLACEMENTS",
     "TWO_TOWER_PLACEMENTS",
+    "CollectiveCounter",
     "ExchangeCounter",
     "Layout",
     "Numerics",
     "TorchrunEnv",
     "close_distributed",
+    "count_collectives",
     "default_device",
     "devices_of",
     "forward_loss",
+    "full_gradients",
     "full_state_dict",
+    "hybrid_bytes",
     "init_distributed",
     "load_full_state_dict",
     "numerics_record",
     "own_forward_placement",
     "parse_devices",
     "place",
+    "replicas_bytes",
     "resolve_layout",
+    "towers_bytes",
 ]
 
 

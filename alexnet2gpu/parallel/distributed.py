@@ -37,6 +37,7 @@ __all__ = [
     "init_distributed",
     "is_collective_error",
     "register_group_holder",
+    "select_collectives",
 ]
 
 # The backends: on CUDA, NCCL for CUDA tensors and gloo beside it for everything on the
@@ -53,11 +54,14 @@ def register_group_holder(holder) -> None:
     _GROUP_HOLDERS.add(holder)
 
 
-def init_distributed(devices=None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Layout:
+def init_distributed(
+    devices=None, timeout_s: float = DEFAULT_TIMEOUT_S, *, placement: str = "ranks", two_tower: bool = True
+) -> Layout:
     """Joins the process group torchrun set up (a no-op when it is already initialised) and
-    returns this process's ``ranks`` layout. ``devices``: None for ``cuda:LOCAL_RANK`` (else
+    returns this process's layout for ``placement`` (``ranks``, ``replicas`` or ``hybrid``;
+    ``two_tower``: the net is ``dual``). ``devices``: None for ``cuda:LOCAL_RANK`` (else
     the CPU), one device for every process, or one per local rank."""
-    layout = resolve_layout("ranks", devices)
+    layout = resolve_layout(placement, devices, two_tower=two_tower)
     if dist.is_initialized():
         return layout
     env = TorchrunEnv.from_environ()
@@ -70,6 +74,17 @@ def init_distributed(devices=None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Layo
     else:
         dist.init_process_group(BACKEND_CPU, timeout=timeout, **kwargs)
     return layout
+
+
+def select_collectives(module=dist):
+    """The (all-gather, reduce-scatter) pair into / out of one flat tensor, from ``module``
+    (``torch.distributed``): ``all_gather_single`` / ``reduce_scatter_single`` where they
+    exist (torch 2.13 on, where the old names are deprecated), else ``all_gather_into_tensor``
+    / ``reduce_scatter_tensor`` (torch 2.11-2.12, the floor in pyproject.toml): the same
+    operations with the same arguments under their older names."""
+    if hasattr(module, "all_gather_single") and hasattr(module, "reduce_scatter_single"):
+        return module.all_gather_single, module.reduce_scatter_single
+    return module.all_gather_into_tensor, module.reduce_scatter_tensor
 
 
 def _reduce_device(tensor: torch.Tensor) -> torch.device:

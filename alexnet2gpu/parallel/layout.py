@@ -10,14 +10,19 @@ grouped    the fused ``groups=2`` single-stream net, one device  inside the kern
 split      tower a (and fc8) on device 0, tower b on device 1   device-to-device copies
 ranks      one tower per process under torchrun                 autograd-aware collectives
 single     a single-stream net (simplified, half, torchvision)  none
-auto       ranks under torchrun, split with 2+ GPUs, else grouped on one device
-           (single for a single-stream net)
+replicas   any net, whole in every process under torchrun    DDP's gradient all-reduce
+           (``dual`` as the fused grouped net): data parallel
+hybrid     a single-stream net under torchrun: conv trunk      the trunk's gradients, and
+           data parallel, fc6-fc8 tensor parallel (2014)       the fc activations (DTensor)
+auto       ranks under torchrun (replicas for a single-stream net), split with 2+ GPUs,
+           else towers on the CPU and grouped on one GPU (single for a single-stream net)
 =========  ===================================================  ==========================
 
 Under ``ranks`` with ``WORLD_SIZE = 2k`` global rank ``2 * replica + tower`` holds tower
 ``tower`` of data-parallel replica ``replica`` (the row-major order of the (k, 2)
-``("dp", "tower")`` device mesh); :attr:`Layout.replica` and :attr:`Layout.tower` are the
-only place that arithmetic is done.
+``("dp", "tower")`` device mesh); under ``replicas`` and ``hybrid`` every rank is a
+replica of its own (its own share of the global batch: ``dp_size = WORLD_SIZE``).
+:attr:`Layout.replica` and :attr:`Layout.tower` are the only place that arithmetic is done.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ConfigError
-from .names import PLACEMENTS, TWO_TOWER_PLACEMENTS
+from .names import ANY_NET_PLACEMENTS, PLACEMENTS, PROCESS_PLACEMENTS, SINGLE_STREAM_PLACEMENTS, TWO_TOWER_PLACEMENTS
 
 __all__ = [
     "PLACEMENTS",
@@ -37,6 +42,7 @@ __all__ = [
     "Layout",
     "TorchrunEnv",
     "check_available",
+    "check_net",
     "default_device",
     "own_forward_placement",
     "parse_devices",
@@ -45,11 +51,12 @@ __all__ = [
 
 log = logging.getLogger("alexnet2gpu")
 
-_DEVICES_NEEDED = {"towers": 1, "grouped": 1, "split": 2, "ranks": 1, "single": 1}
-_LAUNCH_HINT = (
-    "launch one process per tower with torchrun, e.g. "
-    "`torchrun --nproc-per-node 2 -m alexnet2gpu train --placement ranks ...`"
-)
+_DEVICES_NEEDED = {"towers": 1, "grouped": 1, "split": 2, "ranks": 1, "single": 1, "replicas": 1, "hybrid": 1}
+_LAUNCH_WHAT = {
+    "ranks": "one tower per process",
+    "replicas": "one replica per process",
+    "hybrid": "one worker per process",
+}
 
 
 @dataclass(frozen=True)
@@ -85,7 +92,9 @@ class TorchrunEnv:
 @dataclass(frozen=True)
 class Layout:
     """Where a placed model runs. ``devices`` are this process's devices, in tower order
-    for ``split``; ``world_size``, ``rank`` and ``dp_size`` describe a ``ranks`` job."""
+    for ``split``; ``world_size``, ``rank`` and ``dp_size`` describe a torchrun job
+    (``ranks``, ``replicas``, ``hybrid``). ``two_tower_net``: the net is ``dual`` (None:
+    what the placement implies; only ``replicas`` runs both kinds)."""
 
     placement: str
     devices: tuple[torch.device, ...]
@@ -93,10 +102,14 @@ class Layout:
     dp_size: int = 1
     rank: int = 0
     reason: str = field(default="", compare=False)  # why `auto` chose this placement
+    two_tower_net: bool | None = None
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS or self.placement == "auto":
             raise ConfigError(f"unknown placement '{self.placement}': choose one of {', '.join(PLACEMENTS)}")
+        if self.two_tower_net is None:  # frozen: set once, here
+            object.__setattr__(self, "two_tower_net", self.placement in TWO_TOWER_PLACEMENTS)
+        check_net(self.placement, self.two_tower_net)
         need = _DEVICES_NEEDED[self.placement]
         if len(self.devices) != need:
             hint = " (e.g. --devices cuda:0,cuda:1, or --devices cpu,cpu to test)" if need == 2 else ""
@@ -104,7 +117,7 @@ class Layout:
                 f"placement '{self.placement}' takes {need} device(s), got {len(self.devices)}: "
                 f"{', '.join(map(str, self.devices)) or 'none'}{hint}"
             )
-        if self.distributed:
+        if self.placement == "ranks":
             if self.world_size < 2 or self.world_size % 2:
                 raise ConfigError(
                     f"placement 'ranks' needs an even WORLD_SIZE (two processes, one per tower, for each "
@@ -114,6 +127,12 @@ class Layout:
             if self.dp_size != self.world_size // 2:
                 raise ConfigError(
                     f"world size {self.world_size} is {self.world_size // 2} replicas of 2 towers, not {self.dp_size}"
+                )
+        elif self.distributed:
+            if self.dp_size != self.world_size:
+                raise ConfigError(
+                    f"placement '{self.placement}' makes every one of the {self.world_size} processes a "
+                    f"data-parallel replica, not {self.dp_size}"
                 )
         elif self.world_size != 1 or self.dp_size != 1:
             raise ConfigError(
@@ -134,8 +153,9 @@ class Layout:
 
     @property
     def distributed(self) -> bool:
-        """One tower per process (``ranks``): the loss is a collective and so is the state dict."""
-        return self.placement == "ranks"
+        """Several processes under torchrun (``ranks``, ``replicas``, ``hybrid``): the loss
+        is summed over the ranks and the full state dict is a collective."""
+        return self.placement in PROCESS_PLACEMENTS
 
     @property
     def device(self) -> torch.device:
@@ -144,8 +164,8 @@ class Layout:
 
     @property
     def two_towers(self) -> bool:
-        """The net has two towers (every placement but ``single``)."""
-        return self.placement != "single"
+        """The net has two towers (``dual``: every two-tower placement, and ``replicas`` of it)."""
+        return bool(self.two_tower_net)
 
     @property
     def towers_apart(self) -> bool:
@@ -154,30 +174,72 @@ class Layout:
 
     @property
     def fused(self) -> bool:
-        """Both towers' kernels run as one fused convolution per layer (``grouped``)."""
-        return self.placement == "grouped"
+        """Both towers' kernels run as one fused convolution per layer (``grouped``, and
+        ``replicas`` of ``dual``, which holds the grouped net)."""
+        return self.placement == "grouped" or (self.placement == "replicas" and self.two_towers)
 
     @property
     def replica(self) -> int:
-        """This process's data-parallel replica (0 outside ``ranks``)."""
-        return self.rank // 2 if self.distributed else 0
+        """This process's data-parallel replica, the share of the global batch it reads: ``rank
+        // 2`` under ``ranks``, ``rank`` under ``replicas`` and ``hybrid``, else 0."""
+        if self.placement == "ranks":
+            return self.rank // 2
+        return self.rank if self.distributed else 0
 
     @property
     def tower(self) -> int:
-        """The tower this process holds under ``ranks`` (0: a, with fc8; 1: b)."""
-        return self.rank % 2 if self.distributed else 0
+        """The tower this process holds under ``ranks`` (0: a, with fc8; 1: b); 0 elsewhere."""
+        return self.rank % 2 if self.placement == "ranks" else 0
 
     @property
     def is_rank0(self) -> bool:
         """Only rank 0 prints and writes."""
         return self.rank == 0
 
+    def local_batch(self, global_batch: int) -> int:
+        """This process's share of ``global_batch``: the batch divided over the data-parallel
+        replicas (``dp_size``), refused with the numbers when it does not divide."""
+        if global_batch < self.dp_size or global_batch % self.dp_size:
+            raise ConfigError(
+                f"a global batch of {global_batch} does not divide over the {self.dp_size} data-parallel "
+                f"replicas of placement '{self.placement}': use a multiple of {self.dp_size}"
+            )
+        return global_batch // self.dp_size
+
     def describe(self) -> str:
         """The devices in words, e.g. ``cpu``, ``cuda:0,cuda:1``, ``2 processes (1 x 2 towers) on cpu (gloo)``."""
         if self.distributed:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
-            return f"{self.world_size} processes ({self.dp_size} x 2 towers) on {self.device.type} ({backend})"
+            what = {
+                "ranks": f"{self.dp_size} x 2 towers",
+                "replicas": f"{self.dp_size} replicas",
+                "hybrid": f"trunk x {self.dp_size} replicas, fc6-fc8 split {self.world_size} ways",
+            }[self.placement]
+            return f"{self.world_size} processes ({what}) on {self.device.type} ({backend})"
         return ",".join(str(d) for d in self.devices)
+
+
+def check_net(placement: str, two_tower: bool) -> None:
+    """Refuses a placement that does not fit the net: the two-tower ones for a single-stream
+    net, ``single`` and ``hybrid`` for ``dual``."""
+    if placement == "auto" or placement in ANY_NET_PLACEMENTS:
+        return
+    if two_tower and placement in SINGLE_STREAM_PLACEMENTS:
+        if placement == "hybrid":
+            raise ConfigError(
+                "placement 'hybrid' splits a single stream's fc6-fc8 across the processes; the two-tower "
+                "net 'dual' splits its towers with --placement ranks, or runs data parallel with "
+                "--placement replicas"
+            )
+        raise ConfigError(
+            "placement 'single' is for the single-stream nets; the two-tower net 'dual' runs "
+            f"as {', '.join(TWO_TOWER_PLACEMENTS)}, replicas (or auto)"
+        )
+    if not two_tower and placement not in SINGLE_STREAM_PLACEMENTS:
+        raise ConfigError(
+            f"placement '{placement}' splits the two-tower net 'dual'; a single-stream net runs on one "
+            "device (single), or under torchrun as replicas or hybrid: use --placement auto (or single)"
+        )
 
 
 def own_forward_placement(two_tower: bool) -> str:
@@ -225,6 +287,8 @@ def check_available(devices: list[torch.device]) -> None:
 
 def _choose_auto(two_tower: bool, env: TorchrunEnv) -> tuple[str, list[torch.device] | None, str]:
     if not two_tower:
+        if env.world_size > 1:
+            return "replicas", None, f"WORLD_SIZE={env.world_size}: a single-stream net, one replica per process"
         return "single", None, "a single-stream net runs on one device"
     if env.world_size > 1:
         return "ranks", None, f"WORLD_SIZE={env.world_size}: one tower per process"
@@ -236,8 +300,12 @@ def _choose_auto(two_tower: bool, env: TorchrunEnv) -> tuple[str, list[torch.dev
             (f"{cuda} CUDA devices: tower a on cuda:0, tower b on cuda:1"),
         )
     if cuda == 1:
+        # Not measured against towers on a GPU yet: the fused kernels are cuDNN's usual case.
         return "grouped", [torch.device("cuda", 0)], "1 CUDA device: the fused grouped net on cuda:0"
-    return "grouped", [torch.device("cpu")], "no CUDA device: the fused grouped net on the CPU"
+    # Measured on this project's CPU (docs/results.md, "dual/grouped against dual/towers"):
+    # grouped trains at 0.88, 0.92, 0.83x the speed of towers (227 px, batch 64, one thread,
+    # interleaved rounds), and at 0.79-0.88x in every measurement before: towers on the CPU.
+    return "towers", [torch.device("cpu")], "no CUDA device: both towers on the CPU (measured faster than grouped)"
 
 
 def _local_device(devices: list[torch.device] | None, local_rank: int) -> torch.device:
@@ -257,12 +325,14 @@ def _local_device(devices: list[torch.device] | None, local_rank: int) -> torch.
 
 def _one_gpu_hint(processes: int) -> str:
     return (
-        f"use a machine with {processes} GPUs, or --devices cpu to run the ranks on the CPU with gloo, "
-        "or run without torchrun with --placement grouped (or towers) on one GPU"
+        f"use a machine with {processes} GPUs, or --devices cpu to run the processes on the CPU with gloo, "
+        "or run without torchrun on one GPU (--placement grouped or towers for dual, single for the others)"
     )
 
 
-def _check_one_process_per_gpu(devices: list[torch.device] | None, env: TorchrunEnv, plan: bool) -> None:
+def _check_one_process_per_gpu(
+    devices: list[torch.device] | None, env: TorchrunEnv, plan: bool, placement: str = "ranks"
+) -> None:
     """NCCL takes one process per GPU ("Duplicate GPU detected" otherwise): refuses a CUDA
     device that two local ranks of this node would share, and (unless ``plan``) a local
     rank whose GPU this machine lacks, e.g. ``cuda:LOCAL_RANK`` with more processes than
@@ -273,7 +343,7 @@ def _check_one_process_per_gpu(devices: list[torch.device] | None, env: Torchrun
         if plan or not torch.cuda.is_available() or processes <= count:
             return
         raise ConfigError(
-            f"placement 'ranks' runs one process per GPU: {processes} processes on this node "
+            f"placement '{placement}' runs one process per GPU: {processes} processes on this node "
             f"(torchrun --nproc-per-node {processes}) need cuda:0 to cuda:{processes - 1} and this machine "
             f"has {count} CUDA device(s): {_one_gpu_hint(processes)}"
         )
@@ -286,29 +356,42 @@ def _check_one_process_per_gpu(devices: list[torch.device] | None, env: Torchrun
     for device, ranks in sharing.items():
         if len(ranks) > 1:
             raise ConfigError(
-                "placement 'ranks' runs one process per GPU and NCCL refuses two processes on one GPU "
+                f"placement '{placement}' runs one process per GPU and NCCL refuses two processes on one GPU "
                 f"({device} for local ranks {', '.join(map(str, ranks[:-1]))} and {ranks[-1]}): "
                 f"{_one_gpu_hint(processes)}"
             )
         if not plan and device.index >= count:
             raise ConfigError(
-                f"placement 'ranks' puts local rank {ranks[0]} on {device} and this machine has {count} "
+                f"placement '{placement}' puts local rank {ranks[0]} on {device} and this machine has {count} "
                 f"CUDA device(s): {_one_gpu_hint(processes)}"
             )
 
 
-def _ranks_layout(devices: list[torch.device] | None, env: TorchrunEnv, reason: str, plan: bool) -> Layout:
+def _process_layout(
+    placement: str, devices: list[torch.device] | None, env: TorchrunEnv, reason: str, plan: bool, two_tower: bool
+) -> Layout:
+    """The layout of a torchrun placement (``ranks``, ``replicas``, ``hybrid``) for this process."""
     if not env.launched:
-        raise ConfigError(f"placement 'ranks' runs one tower per process and needs torchrun: {_LAUNCH_HINT}")
-    _check_one_process_per_gpu(devices, env, plan)
+        raise ConfigError(
+            f"placement '{placement}' runs {_LAUNCH_WHAT[placement]} and needs torchrun: launch it with "
+            f"torchrun, e.g. `torchrun --nproc-per-node 2 -m alexnet2gpu train --placement {placement} ...`"
+        )
+    _check_one_process_per_gpu(devices, env, plan, placement)
     device = _local_device(devices, env.local_rank)
+    if placement == "ranks":
+        dp_size = max(1, env.world_size // 2)
+        reason = reason or f"WORLD_SIZE={env.world_size}: {env.world_size // 2} replica(s) x 2 towers"
+    else:
+        dp_size = env.world_size
+        reason = reason or f"WORLD_SIZE={env.world_size}: {_LAUNCH_WHAT[placement]}"
     return Layout(
-        "ranks",
+        placement,
         (device,),
         world_size=env.world_size,
-        dp_size=max(1, env.world_size // 2),
+        dp_size=dp_size,
         rank=env.rank,
-        reason=reason or f"WORLD_SIZE={env.world_size}: {env.world_size // 2} replica(s) x 2 towers",
+        reason=reason,
+        two_tower_net=two_tower,
     )
 
 
@@ -329,18 +412,9 @@ def resolve_layout(
         placement, auto_devices, reason = _choose_auto(two_tower, env)
         devices = devices or auto_devices
         log.info("placement auto -> %s (%s)", placement, reason)
-    if two_tower and placement == "single":
-        raise ConfigError(
-            "placement 'single' is for the single-stream nets; the two-tower net 'dual' runs "
-            f"as {', '.join(TWO_TOWER_PLACEMENTS)} (or auto)"
-        )
-    if not two_tower and placement != "single":
-        raise ConfigError(
-            f"placement '{placement}' splits the two-tower net 'dual'; a single-stream net "
-            "runs on one device: use --placement auto (or single)"
-        )
-    if placement == "ranks":
-        layout = _ranks_layout(devices, env, reason, plan)
+    check_net(placement, two_tower)
+    if placement in PROCESS_PLACEMENTS:
+        layout = _process_layout(placement, devices, env, reason, plan, two_tower)
     else:
         if devices is None and placement == "split":
             count = torch.cuda.device_count()
@@ -350,7 +424,7 @@ def resolve_layout(
                     "use --placement grouped (one device), or --devices cpu,cpu to test split on the CPU"
                 )
             devices = [torch.device("cuda", 0), torch.device("cuda", 1)]
-        layout = Layout(placement, tuple(devices or [default_device()]), reason=reason)
+        layout = Layout(placement, tuple(devices or [default_device()]), reason=reason, two_tower_net=two_tower)
     if not plan:
         check_available(list(layout.devices))
     return layout

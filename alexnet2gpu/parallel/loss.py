@@ -3,7 +3,11 @@
 The loss is computed once, on the device that holds fc8 ([cfg]: softmax and loss on the
 first GPU). Every process calls ``forward_loss(...).backward()``; under ``ranks`` the
 tower that does not hold fc8 gets a surrogate whose backward runs its side of the
-exchanges' backward (see :mod:`alexnet2gpu.parallel.ranks`).
+exchanges' backward (see :mod:`alexnet2gpu.parallel.ranks`). Under ``replicas`` each
+process's loss is the mean over its own share of the batch (DDP averages the gradients);
+under ``hybrid`` every process returns the loss of the whole global batch (see
+:mod:`alexnet2gpu.parallel.hybrid`). Summed over the ranks and divided by
+``layout.dp_size``, every placement's loss is the global batch's.
 """
 
 from __future__ import annotations

@@ -1,25 +1,30 @@
 """One :func:`place` call: a model in, the module to call out, with ``.layout`` saying
 where it runs. The model itself never changes: a placement moves its towers and supplies
-the exchange (:mod:`.grouped`, :mod:`.split`, :mod:`.ranks`); every placed model keeps the
-parameter names of :class:`~alexnet2gpu.models.DualAlexNet`, so state dicts and
-checkpoints move freely between placements.
+the exchange (:mod:`.grouped`, :mod:`.split`, :mod:`.ranks`), or wraps the whole net for
+several processes (:mod:`.replicas`: DDP; :mod:`.hybrid`: a data-parallel trunk and
+tensor-parallel fc6-fc8); every placed model keeps the parameter names of the net it was
+given, so state dicts and checkpoints move freely between placements.
 
-A new placement: a name in ``layout.TWO_TOWER_PLACEMENTS`` (and its device count), a
-module with a :class:`~.schedule.PlacedDual` subclass that supplies its exchange, and one
+A new placement: a name in ``names.py`` (``TWO_TOWER_PLACEMENTS`` or
+``SINGLE_STREAM_PLACEMENTS``) and its device count in ``layout.py``, a module that supplies
+its exchange (a :class:`~.schedule.PlacedDual` subclass) or wraps the whole net, and one
 entry in ``_PLACERS`` below.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from ..models import is_two_tower
 from .grouped import GroupedDualAlexNet
+from .hybrid import place_hybrid
 from .layout import Layout, resolve_layout
 from .ranks import place_ranks
+from .replicas import place_replicas
 from .split import SplitDualAlexNet
 
 __all__ = ["devices_of", "place"]
@@ -62,6 +67,8 @@ _PLACERS: dict[str, Callable[[nn.Module, Layout, bool], nn.Module]] = {
     "grouped": _place_grouped,
     "split": _place_split,
     "ranks": _place_ranks,
+    "replicas": place_replicas,  # under torchrun: the whole net per process, DDP
+    "hybrid": place_hybrid,  # under torchrun: conv trunk data parallel, fc6-fc8 tensor parallel
 }
 
 
@@ -71,16 +78,21 @@ def place(model: nn.Module, placement: str | Layout = "auto", devices=None) -> n
     ``placement`` is a name (see :data:`~.layout.PLACEMENTS`) or a resolved
     :class:`~.layout.Layout`. ``devices`` is a list (or comma-separated string) of devices:
     one for ``towers``, ``grouped`` and ``single`` (default: the first GPU, else the CPU),
-    two for ``split`` (default: cuda:0, cuda:1). ``auto`` chooses and says why in
-    ``layout.reason`` (and the log). A model built on the meta device is a plan: it is
+    two for ``split`` (default: cuda:0, cuda:1); under torchrun (``ranks``, ``replicas``,
+    ``hybrid``) one for every process or one per local rank (default: ``cuda:LOCAL_RANK``,
+    else the CPU), and the process group is joined here if it is not yet. ``auto`` chooses
+    and says why in ``layout.reason`` (and the log). A model built on the meta device is a plan: it is
     materialised uninitialised, which under ``FakeTensorMode`` allocates nothing and needs
     none of the devices.
     """
     plan = _is_plan(model)
+    two_tower = is_two_tower(model)
     if isinstance(placement, Layout):
-        layout = placement
+        # The net decides whether the layout's net has two towers (``replicas`` runs both
+        # kinds); a placement that does not fit the net is refused here.
+        layout = placement if placement.two_towers == two_tower else replace(placement, two_tower_net=two_tower)
     else:
-        layout = resolve_layout(placement, devices, two_tower=is_two_tower(model), plan=plan)
+        layout = resolve_layout(placement, devices, two_tower=two_tower, plan=plan)
     placed = _PLACERS[layout.placement](model, layout, plan)
     placed.layout = layout
     return placed

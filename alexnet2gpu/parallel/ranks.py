@@ -48,24 +48,13 @@ import torch.distributed as dist
 from torch import nn
 
 from ..models.dual import DualAlexNet, Tower, run_towers
-from .distributed import init_distributed, register_group_holder
+from .distributed import init_distributed, register_group_holder, select_collectives
 from .layout import Layout
 from .schedule import ExchangeCounter
 
-__all__ = ["RanksDualAlexNet", "place_ranks"]
+__all__ = ["RanksDualAlexNet", "place_ranks", "select_collectives"]
 
 TOWER_NAMES = ("tower_a", "tower_b")
-
-
-def select_collectives(module=dist):
-    """The (all-gather, reduce-scatter) pair into / out of one flat tensor, from ``module``
-    (``torch.distributed``): ``all_gather_single`` / ``reduce_scatter_single`` where they
-    exist (torch 2.13 on, where the old names are deprecated), else ``all_gather_into_tensor``
-    / ``reduce_scatter_tensor`` (torch 2.11-2.12, the floor in pyproject.toml): the same
-    operations with the same arguments under their older names."""
-    if hasattr(module, "all_gather_single") and hasattr(module, "reduce_scatter_single"):
-        return module.all_gather_single, module.reduce_scatter_single
-    return module.all_gather_into_tensor, module.reduce_scatter_tensor
 
 
 # Chosen once, at import: torch 2.11-2.12 have only the old names (issue 15).
@@ -263,6 +252,6 @@ def place_ranks(model: DualAlexNet, layout: Layout) -> RanksDualAlexNet:
     needed, builds the (k, 2) ``("dp", "tower")`` mesh and keeps this rank's tower."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    init_distributed(list(layout.devices))
+    init_distributed(list(layout.devices), placement="ranks")
     mesh = init_device_mesh(layout.device.type, (layout.dp_size, 2), mesh_dim_names=("dp", "tower"))
     return RanksDualAlexNet(model, mesh, layout)

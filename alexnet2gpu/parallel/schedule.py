@@ -14,7 +14,7 @@ from torch import nn
 from ..models.dual import DualAlexNet, Exchange, run_towers
 from .layout import Layout
 
-__all__ = ["ExchangeCounter", "PlacedDual"]
+__all__ = ["ExchangeCounter", "PlacedDual", "wrap_children"]
 
 
 class ExchangeCounter:
@@ -72,3 +72,15 @@ class PlacedDual(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         return run_towers(self.columns(), x, self.exchange, self.fc8)
+
+
+def wrap_children(holder: nn.Module, net: nn.Module) -> None:
+    """Registers ``net``'s children on ``holder`` under their own names (so that
+    ``holder.state_dict()`` has ``net``'s keys: the placements that wrap a whole net,
+    ``replicas`` and ``hybrid``) and copies its input facts (``in_channels``,
+    ``num_classes``, ``image_size``)."""
+    for name, child in net.named_children():
+        holder.add_module(name, child)
+    for attr in ("in_channels", "num_classes", "image_size"):
+        if hasattr(net, attr):
+            setattr(holder, attr, getattr(net, attr))
