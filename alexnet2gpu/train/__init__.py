@@ -1,8 +1,11 @@
 """Training, one module per job:
 
 * :mod:`.config`: :class:`TrainConfig`, the recipes and the records a run reports;
-* :mod:`.build`: the layout (resolved once), the data, the net, optimizer and schedule;
-* :mod:`.loop`: the loop itself, :func:`train`;
+* :mod:`.build`: the layout (resolved once), the data, the net (in its memory format), its
+  numerics (precision, fp16's loss scaler), optimizer and schedule;
+* :mod:`.loop`: the loop itself, :func:`train`; :mod:`.sync`, its reads of the device;
+  :mod:`.evaluation`, its validation and test passes;
+* :mod:`.records`: the records a run reports (a step, an evaluation, the summary);
 * :mod:`.checkpointing`: what a checkpoint holds and how it goes back into any placement;
 * :mod:`.metrics`: the metrics JSONL and the running means;
 * :mod:`.faults`: non-finite values, dead or hung ranks, and test-only fault injection.

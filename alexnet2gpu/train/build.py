@@ -1,6 +1,7 @@
 """What a run is built from, on each process: its :class:`~alexnet2gpu.parallel.Layout`
-(resolved once), the data for its replica, the net from the run seed, the optimizer and
-the learning-rate schedule."""
+(resolved once), the data for its replica, the net from the run seed, placed in the run's
+memory format, its arithmetic (:class:`~alexnet2gpu.parallel.Numerics` and the fp16 loss
+scaler), the optimizer and the learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -14,10 +15,20 @@ from ..data import build_loaders
 from ..data.synthetic import HELD_OUT_BATCHES, HELD_OUT_OFFSETS, SyntheticLoader
 from ..errors import ConfigError
 from ..models import DEFAULTS, build_model, initialise_, is_two_tower
-from ..parallel import Layout, TorchrunEnv, init_distributed, resolve_layout
+from ..parallel import Layout, Numerics, TorchrunEnv, init_distributed, place, resolve_layout
 from .config import PLATEAU_PATIENCE, SYNTHETIC_EPOCH_STEPS, Recipe, TrainConfig
 
-__all__ = ["RunData", "build_data", "build_net", "build_optimizer", "build_scheduler", "resolve_run_layout"]
+__all__ = [
+    "RunData",
+    "build_data",
+    "build_net",
+    "build_numerics",
+    "build_optimizer",
+    "build_scaler",
+    "build_scheduler",
+    "place_net",
+    "resolve_run_layout",
+]
 
 
 def _two_tower(model: str) -> bool:
@@ -124,6 +135,38 @@ def build_net(config: TrainConfig, num_classes: int, hyper: Recipe) -> nn.Module
     )
     initialise_(model, hyper.init)
     return model
+
+
+def build_numerics(config: TrainConfig, layout: Layout) -> Numerics:
+    """The run's precision and memory format; ``cudnn.benchmark`` as ``--cudnn-benchmark``
+    says where the run uses a CUDA device (applied here), left as it is on the CPU."""
+    on_cuda = any(torch.device(d).type == "cuda" for d in layout.devices)
+    numerics = Numerics(config.precision, config.channels_last, config.cudnn_benchmark if on_cuda else None)
+    numerics.apply()
+    return numerics
+
+
+def place_net(net: nn.Module, layout: Layout, numerics: Numerics) -> nn.Module:
+    """``net`` placed as ``layout`` says, its parameters in the run's memory format: made
+    channels-last before placing under ``ranks`` (DDP registers the parameters as they are
+    then), after placing otherwise (``grouped`` builds new parameters)."""
+    if layout.distributed:
+        return place(numerics.format_model(net), layout)
+    return numerics.format_model(place(net, layout))
+
+
+def build_scaler(numerics: Numerics, layout: Layout) -> torch.amp.GradScaler:
+    """fp16's loss scaler (``GradScaler``; disabled for fp32 and bf16, it passes everything
+    through). Under ``ranks`` each process holds one tower's gradients, so whether they
+    overflowed must be agreed by every rank, or one tower would step and the other skip:
+    ``ShardedGradScaler`` all-reduces its found-inf flag over the process group before it
+    decides, and so every rank's scale moves alike."""
+    if numerics.scaled and layout.distributed:
+        import torch.distributed as dist
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(layout.device.type, process_group=dist.group.WORLD)
+    return numerics.grad_scaler(layout.device.type)
 
 
 def build_optimizer(hyper: Recipe, placed: nn.Module) -> torch.optim.Optimizer:

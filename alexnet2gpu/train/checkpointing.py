@@ -7,8 +7,9 @@ placement, so that a resumed run continues bit for bit.
 
 Contents: the full two-tower state dict (the same keys in every placement), the optimizer
 state keyed by parameter *name* (so a ``ranks`` checkpoint resumes under ``towers`` and the
-reverse, whose parameter order differs), the scheduler, the step, the data position, the
-RNG states and the settings a resume must share. Writing and verifying the file is
+reverse, whose parameter order differs), the scheduler, fp16's loss scaler (its scale and
+growth tracker; None in fp32 and bf16), the step, the data position, the RNG states and
+the settings a resume must share. Writing and verifying the file is
 :mod:`alexnet2gpu.io.checkpoints`' job.
 
 RNG state. :func:`capture_rng_state` returns the torch CPU generator, every CUDA
@@ -179,10 +180,18 @@ def load_optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimi
 
 
 def checkpoint_state(
-    layout: Layout, placed: nn.Module, optimizer, scheduler, train_loader, step: int, config: TrainConfig
+    layout: Layout,
+    placed: nn.Module,
+    optimizer,
+    scheduler,
+    train_loader,
+    step: int,
+    config: TrainConfig,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict:
     """The checkpoint (on every rank; only rank 0 writes it). Under ``ranks`` the towers'
-    weights, optimizer states and dropout generators are gathered first."""
+    weights, optimizer states and dropout generators are gathered first; every rank's
+    loss scaler is the same (its overflows are agreed), so rank 0's is saved."""
     model_state = full_state_dict(placed)
     optim_state = optimizer_state_by_name(placed, optimizer)
     rng = capture_rng_state(placed)
@@ -208,6 +217,7 @@ def checkpoint_state(
         "model": model_state,
         "optimizer": optim_state,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "step": step,
         "epoch": train_loader.state_dict()["epoch"],
         "data": train_loader.state_dict(),
@@ -219,6 +229,8 @@ def checkpoint_state(
             "seed": config.seed,
             "data": config.data,
             "recipe": config.recipe,
+            "precision": config.precision,
+            "channels_last": config.channels_last,
             "placement": layout.placement,
             "world_size": layout.world_size,
             # the input, as `evaluate` rebuilds it (checks.evaluate.read_spec)
@@ -266,7 +278,11 @@ def load_everywhere(layout: Layout, source: Path) -> dict:
 
 
 def check_resume_config(state: dict, config: TrainConfig, source: Path) -> None:
-    """Refuses a checkpoint written with another model, batch, seed, data set or recipe."""
+    """Refuses a checkpoint written with another model, batch, seed, data set, recipe or
+    precision. Another precision is another recipe: the resumed run would no longer be the
+    one its record describes (and fp16's loss scale has no counterpart in the others), so
+    it is refused like one; ``--weights`` starts a new run from its weights in any precision.
+    A checkpoint without a precision predates it and was float32."""
     saved = state.get("config", {})
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"{source} is not an alexnet2gpu training checkpoint (format {state.get('format')})")
@@ -282,6 +298,13 @@ def check_resume_config(state: dict, config: TrainConfig, source: Path) -> None:
             f"checkpoint {source} was written by a run with recipe {saved['recipe']}; this run has recipe "
             f"{config.recipe}: resume with --recipe {saved['recipe']}, or start a new run with --weights {source}"
         )
+    precision = saved.get("precision", "fp32")
+    if precision != config.precision:
+        raise ConfigError(
+            f"checkpoint {source} was written by a run in --precision {precision}; this run has --precision "
+            f"{config.precision}: resume with --precision {precision}, or start a new run from its weights with "
+            f"--weights {source}"
+        )
 
 
 def load_weights(layout: Layout, placed: nn.Module, source: Path, model: str) -> None:
@@ -294,12 +317,22 @@ def load_weights(layout: Layout, placed: nn.Module, source: Path, model: str) ->
     load_full_state_dict(placed, state["model"])
 
 
-def restore_checkpoint(state: dict, layout: Layout, placed: nn.Module, optimizer, scheduler, train_loader) -> int:
+def restore_checkpoint(
+    state: dict,
+    layout: Layout,
+    placed: nn.Module,
+    optimizer,
+    scheduler,
+    train_loader,
+    scaler: torch.amp.GradScaler | None = None,
+) -> int:
     """Puts a checkpoint back into this process's share of the run; returns its step."""
     load_full_state_dict(placed, state["model"])
     load_optimizer_state_by_name(placed, optimizer, state["optimizer"])
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and scaler.is_enabled() and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     rng = dict(state["rng"])
     replicas = rng.pop("replica_dropout", None)
     if replicas and layout.replica < len(replicas):

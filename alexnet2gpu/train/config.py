@@ -20,13 +20,14 @@ is given) with the released code's initialisation (unless ``--init`` is given).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from ..errors import ConfigError
 from ..models.names import INIT_NAMES
-from ..parallel.names import DEFAULT_TIMEOUT_S
+from ..parallel.names import DEFAULT_TIMEOUT_S, PRECISIONS
 from .names import NONFINITE_POLICIES, RECIPE_NAMES, SCHEDULES, SYNC_EVERY_STEPS
+from .records import EvalRecord, StepRecord, TrainResult  # here too, where they were first
 
 __all__ = [
     "CPU_SIZED_COMMAND",
@@ -228,6 +229,19 @@ class TrainConfig:
         f"the run) (default: the recipe's, {_per_recipe('schedule')})",
         choices=SCHEDULES,
     )
+    precision: str = setting(
+        "fp32",
+        "training",
+        "arithmetic: fp32 (the paper's), or torch.autocast to bf16 or fp16 with float32 weights; fp16 scales its "
+        "loss (torch.amp.GradScaler) (default: fp32)",
+        choices=PRECISIONS,
+    )
+    channels_last: bool = setting(
+        False, "training", "the net and its input batches in channels-last memory format (default: off)"
+    )
+    cudnn_benchmark: bool = setting(
+        True, "training", "let cuDNN time its convolution algorithms and keep the fastest (CUDA only; default: on)"
+    )
     seed: int = setting(0, "training", "run seed: weights, data order, dropout")
     threads: int | None = setting(None, "training", "CPU threads per process (default: torch's)")
     on_nonfinite: str = setting(
@@ -382,59 +396,6 @@ class TrainConfig:
             )
             hyper = replace(hyper, init=hyper.few_classes_init)
         return hyper, notes
-
-
-@dataclass
-class StepRecord:
-    step: int  # optimizer steps done after this one (1-based)
-    epoch: int
-    loss: float
-    accuracy: float
-    lr: float
-    images_per_s: float
-    skipped: bool = False
-
-    def to_json(self) -> dict:
-        return {"event": "step", **asdict(self)}
-
-
-@dataclass
-class EvalRecord:
-    step: int
-    epoch: int
-    test_accuracy: float
-    test_images: int
-    val_accuracy: float | None = None  # the validation split's (None: the run has none)
-    val_images: int = 0
-
-    def to_json(self) -> dict:
-        return {"event": "eval", **asdict(self)}
-
-
-@dataclass
-class TrainResult:
-    """What a run did, for the end summary (the seed's format) and the metrics file."""
-
-    placement: str
-    device: str  # e.g. "cpu", "cuda:0", "2 processes x cpu (gloo)"
-    steps: int
-    epochs_done: float
-    loss: float  # mean training loss over the last epoch (or the run, if shorter)
-    train_accuracy: float
-    test_accuracy: float | None
-    images_per_s: float  # training images per second of training time (excludes evaluation)
-    train_seconds: float
-    compile_seconds: float | None = None  # with --compile: the first step, which compiles (not in images/s)
-    val_accuracy: float | None = None  # the validation split's, at the last evaluation
-    skipped_steps: int = 0
-    resumed_from: str | None = None
-    checkpoint: str | None = None
-    history: list = field(default_factory=list)
-
-    def to_json(self) -> dict:
-        out = asdict(self)
-        out.pop("history")
-        return {"event": "summary", **out}
 
 
 def cpu_hint(device_type: str, image_size: int, data: str) -> str | None:

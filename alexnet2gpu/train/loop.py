@@ -9,7 +9,9 @@ What it does on every process of a job (one process, or torchrun's 2k processes 
 * resolves the :class:`~alexnet2gpu.parallel.Layout` once, builds the data for this
   replica, the net from the run seed, places it and seeds the per-tower dropout
   generators per data-parallel replica (:mod:`.build`);
-* each step: ``forward_loss(...).backward()``; the step's loss, correct count and
+* each step: ``forward_loss(...)`` under the run's autocast (``--precision``) and its
+  ``backward()`` (of the scaled loss under fp16, whose overflows every rank agrees on:
+  :func:`.build.build_scaler`); the step's loss, correct count and
   non-finite flags stay on the device (no host sync) until the next sync point, every
   ``sync_every`` steps and before any checkpoint, evaluation, stop or the end: there one
   all-reduce carries every pending step's numbers and one host read fetches them, so that
@@ -40,13 +42,23 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from ..data import ten_crop_predict
 from ..errors import Alexnet2gpuError, ConfigError
 from ..io.checkpoints import save_in_directory
 from ..models import seed_dropout
-from ..parallel import Layout, close_distributed, forward_loss, place
+from ..parallel import Layout, Numerics, close_distributed, devices_of, forward_loss
 from ..parallel.distributed import RankLiveness, all_sum
-from .build import RunData, build_data, build_net, build_optimizer, build_scheduler, input_shape, resolve_run_layout
+from .build import (
+    RunData,
+    build_data,
+    build_net,
+    build_numerics,
+    build_optimizer,
+    build_scaler,
+    build_scheduler,
+    input_shape,
+    place_net,
+    resolve_run_layout,
+)
 from .checkpointing import (
     check_resume_config,
     checkpoint_state,
@@ -55,7 +67,8 @@ from .checkpointing import (
     restore_checkpoint,
     resume_source,
 )
-from .config import EvalRecord, TrainConfig, TrainResult, cpu_hint
+from .config import TrainConfig, TrainResult, cpu_hint
+from .evaluation import evaluate
 from .faults import Fault, collective_failure, grad_flags, weights_nonfinite
 from .interrupt import Interrupted, StopSignals
 from .metrics import MetricsLog, RunningMeans
@@ -104,6 +117,8 @@ class _Run:
     scheduler: Any
     total_steps: int
     metrics: MetricsLog
+    numerics: Numerics
+    scaler: torch.amp.GradScaler  # fp16's loss scaler; disabled (passing everything through) otherwise
     display: Any = None
     on_evaluated: Callable[[list[dict]], None] | None = None
     signals: StopSignals | None = None
@@ -119,6 +134,7 @@ class _Run:
     epoch: int = 0
     means: RunningMeans = field(default_factory=RunningMeans)
     skipped: int = 0
+    overflows: int = 0  # fp16: steps the loss scaler skipped
     images: float = 0.0
     train_seconds: float = 0.0
     test_accuracy: float | None = None
@@ -168,6 +184,7 @@ def _train(config: TrainConfig, layout: Layout, display_factory, on_evaluated) -
         train_seconds=run.train_seconds,
         compile_seconds=run.compile_seconds,
         skipped_steps=run.skipped,
+        overflow_steps=run.overflows,
         resumed_from=run.resumed_from,
         checkpoint=run.saved_path,
         history=run.metrics.records,
@@ -186,7 +203,8 @@ def _prepare(config: TrainConfig, layout: Layout, display_factory) -> _Run:
         )
     data = build_data(config, layout)
     hyper, departures = config.for_classes(data.num_classes)
-    placed = place(build_net(config, data.num_classes, hyper), layout)
+    numerics = build_numerics(config, layout)
+    placed = place_net(build_net(config, data.num_classes, hyper), layout, numerics)
     seed_dropout(placed, config.seed, replica=layout.replica)
     if config.weights:
         load_weights(layout, placed, Path(config.weights), config.model)
@@ -201,15 +219,17 @@ def _prepare(config: TrainConfig, layout: Layout, display_factory) -> _Run:
     if config.compile:
         placed.compile()  # in place: parameter names, and so checkpoints, stay the same
     metrics = MetricsLog(config.metrics if layout.is_rank0 else None)
-    run = _Run(config, layout, data, placed, optimizer, scheduler, total_steps, metrics)
+    scaler = build_scaler(numerics, layout)
+    run = _Run(config, layout, data, placed, optimizer, scheduler, total_steps, metrics, numerics, scaler)
     source = resume_source(config)
     if layout.is_rank0 and config.metrics:
-        metrics.write(config_record(config, hyper, departures, layout, data, str(source) if source else None))
+        resumed = str(source) if source else None
+        metrics.write(config_record(config, hyper, departures, layout, data, resumed, numerics))
     if source is not None:
         state = load_everywhere(layout, source)
         check_resume_config(state, config, source)
         _check_schedule_length(state, total_steps, source)
-        run.step = restore_checkpoint(state, layout, placed, optimizer, scheduler, data.train)
+        run.step = restore_checkpoint(state, layout, placed, optimizer, scheduler, data.train, scaler)
         run.loss_start = state.get("run", {}).get("loss_start")
         run.curve = list(state.get("run", {}).get("curve", []))
         run.resumed_from = str(source)
@@ -246,6 +266,7 @@ def _header(run: _Run) -> dict:
         "image_size": image_size,
         "in_channels": in_channels,
         "lr": run.optimizer.param_groups[0]["lr"],
+        "precision": run.numerics.precision,
         "resumed_from": run.resumed_from,
         "hint": cpu_hint(run.layout.device.type, image_size, run.config.data),
     }
@@ -270,7 +291,7 @@ def _run_epochs(run: _Run) -> None:
                 break  # before the loader fetches a batch that this run will not train on
         epoch_complete = run.data.train.state_dict()["epoch"] > run.epoch
         if epoch_complete or run.step >= run.total_steps:
-            _evaluate(run, epoch_complete)
+            evaluate(run, epoch_complete)
         if epoch_complete:
             run.means.end_epoch()
             run.epoch += 1
@@ -310,13 +331,17 @@ def _step(run: _Run, x: torch.Tensor, y: torch.Tensor, step: int) -> None:
     if run.liveness:
         run.liveness.mark(layout.rank, run.step)
     t0 = time.perf_counter()
-    x, y = x.to(layout.device, non_blocking=True), y.to(layout.device, non_blocking=True)
+    x, y = run.numerics.format_input(x.to(layout.device, non_blocking=True)), y.to(layout.device, non_blocking=True)
     if run.fault:
         run.fault.before_forward(layout, step)
     stats = _forward_backward(run, x, y, step)
     run.pending.append(PendingStep(step, run.epoch, lr, time.perf_counter() - t0, stats))
     if not (run.config.on_nonfinite == "skip" and sync(run)):  # skip must know before stepping
-        run.optimizer.step()
+        # fp16: skipped when the scaled gradients overflowed (every rank alike). GradScaler.step
+        # reads its found-inf flag on the host, once per fp16 step (torch's read, not ours);
+        # fp32 and bf16 pass straight to optimizer.step().
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
     if run.scheduler is not None and not isinstance(run.scheduler, ReduceLROnPlateau):
         run.scheduler.step()  # per-step schedules (cosine)
     run.step = step
@@ -327,20 +352,23 @@ def _step(run: _Run, x: torch.Tensor, y: torch.Tensor, step: int) -> None:
 
 
 def _forward_backward(run: _Run, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
-    """Forward, loss, backward. Returns ``[loss, correct, images, non-finite loss,
-    non-finite gradients in tower a, in tower b]`` as float64 on the layout's device,
-    computed there: nothing here waits for the device (a CUDA ``float()`` would)."""
+    """Forward and loss (under the run's autocast), backward (of the scaled loss, fp16).
+    Returns ``[loss, correct, images, non-finite loss, non-finite gradients in tower a,
+    in tower b, loss scale]`` as float64 on the layout's device, computed there: nothing
+    here waits for the device (a CUDA ``float()`` would). Under fp16 the gradient flags
+    are those of the scaled gradients that the scaler checks: an overflow, not a fault."""
     logits_seen: list[torch.Tensor] = []
 
     def criterion(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits_seen[:] = [logits.detach()]
         return F.cross_entropy(logits, labels)
 
-    loss = forward_loss(run.placed, x, y, criterion)
+    with run.numerics.autocast(devices_of(run.placed)):
+        loss = forward_loss(run.placed, x, y, criterion)
     if run.fault:
         loss = run.fault.spoil_loss(loss, run.holds_loss, step)
     run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    run.scaler.scale(loss).backward()  # a disabled scaler returns the loss as it is
     if run.fault:
         run.fault.spoil_gradients(run.placed, run.layout, step)
     device = run.layout.device
@@ -351,9 +379,19 @@ def _forward_backward(run: _Run, x: torch.Tensor, y: torch.Tensor, step: int) ->
         local_loss = torch.where(bad_loss > 0, zero, local_loss)
         correct = (logits_seen[0].argmax(1) == y).sum().to(device, torch.float64)
         seen = torch.full((), float(len(y)), dtype=torch.float64, device=device)  # a fill, not a host copy
+        scale = _loss_scale(run.scaler, device)
     else:
-        local_loss = bad_loss = correct = seen = zero
-    return torch.cat([torch.stack([local_loss, correct, seen, bad_loss]), grad_flags(run.placed, device)])
+        local_loss = bad_loss = correct = seen = scale = zero
+    return torch.cat([torch.stack([local_loss, correct, seen, bad_loss]), grad_flags(run.placed, device), scale[None]])
+
+
+def _loss_scale(scaler: torch.amp.GradScaler, device: torch.device) -> torch.Tensor:
+    """The scale this step's loss was multiplied by, as float64 on ``device`` without a
+    host read (``get_scale()`` would read it); 0 without scaling."""
+    scale = getattr(scaler, "_scale", None) if scaler.is_enabled() else None
+    if scale is None:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return scale.detach().reshape(()).to(device, torch.float64)
 
 
 def _save(run: _Run) -> None:
@@ -367,63 +405,10 @@ def _save(run: _Run) -> None:
             f"the weights are non-finite at step {run.step}: no checkpoint written "
             f"(the previous one in {directory} is kept)"
         )
-    state = checkpoint_state(run.layout, run.placed, run.optimizer, run.scheduler, run.data.train, run.step, run.config)
+    state = checkpoint_state(
+        run.layout, run.placed, run.optimizer, run.scheduler, run.data.train, run.step, run.config, run.scaler
+    )
     state["run"] = {"loss_start": run.loss_start, "curve": run.curve}  # the divergence check's start, the plot
     if run.layout.is_rank0:
         run.saved_path = str(save_in_directory(directory, run.step, state, keep=run.config.keep))
         run.metrics.write({"event": "checkpoint", "step": run.step, "path": run.saved_path})
-
-
-def _evaluate(run: _Run, epoch_complete: bool) -> None:
-    """Validation and test accuracy, written and displayed; then the plateau scheduler's
-    step, on the validation error ([paper] 5). The test set reports and drives nothing."""
-    sync(run)  # the running means below include every step so far
-    val_accuracy, val_images = _accuracy(run, run.data.val) if run.data.val is not None else (None, 0)
-    accuracy, images = _accuracy(run, run.data.test)
-    run.test_accuracy, run.val_accuracy = accuracy, val_accuracy
-    record = EvalRecord(
-        step=run.step,
-        epoch=run.epoch,
-        test_accuracy=accuracy,
-        test_images=images,
-        val_accuracy=val_accuracy,
-        val_images=val_images,
-    )
-    run.metrics.write(record.to_json())
-    if run.display:
-        run.display.evaluated(run.step, accuracy, val_accuracy)
-    loss, train_accuracy = run.means.summary()
-    epochs = run.step / run.data.train.batches_per_epoch
-    run.curve.append(
-        {
-            "epoch": epochs,
-            "train_loss": loss,
-            "train_accuracy": train_accuracy,
-            "val_accuracy": val_accuracy,
-            "test_accuracy": accuracy,
-        }
-    )
-    if run.on_evaluated:
-        run.on_evaluated(list(run.curve))
-    if isinstance(run.scheduler, ReduceLROnPlateau) and epoch_complete:
-        # [paper] 5: on the validation error, once per epoch (not after a run's last,
-        # partial epoch, so that a run resumed past it steps the same way)
-        run.scheduler.step(1.0 - val_accuracy)
-    run.placed.train()
-
-
-@torch.no_grad()
-def _accuracy(run: _Run, loader) -> tuple[float, int]:
-    """Accuracy over the whole of ``loader`` (the replicas' shards summed), counted on the
-    device and read once at the end."""
-    run.placed.eval()
-    device = run.layout.device
-    counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, images
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        scores = ten_crop_predict(run.placed, x) if run.data.ten_crop else run.placed(x)
-        if run.holds_loss:
-            counts[0] += (scores.argmax(1) == y).sum()
-            counts[1] += len(y)
-    correct, total = run.sum_over_ranks(counts).tolist()
-    return (correct / total if total else float("nan")), int(total)

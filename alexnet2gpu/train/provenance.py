@@ -3,7 +3,9 @@ reader of the file needs no one's word for the settings.
 
     {"event": "config", "settings": {every TrainConfig field}, "recipe": {the resolved
      Recipe, after its departures}, "departures": [...], "data": "...", "split": {"train",
-     "val", "test" image counts}, "precision": "fp32", "placement": "...", "devices": "...",
+     "val", "test" image counts}, "precision": "fp32", "memory_format": "contiguous",
+     "cudnn_benchmark": false, "tf32_matmul": false, "tf32_cudnn": true,
+     "float32_matmul_precision": "highest" (the switches in force), "placement": "...", "devices": "...",
      "weights_from": path or null, "resumed_from": path or null, "torch": "2.14.1",
      "torchvision": "0.29.1", "python": "3.11.7", "commit": "abc123..." (+ "dirty"),
      "machine": {"cpu": "...", "cpus": 2, "gpus": [...]}, "started": ISO time}
@@ -23,9 +25,11 @@ import torch
 __all__ = ["config_record", "git_commit", "machine"]
 
 
-def config_record(config, hyper, departures: list[str], layout, data, resumed_from: str | None) -> dict:
+def config_record(config, hyper, departures: list[str], layout, data, resumed_from: str | None, numerics) -> dict:
     """The ``config`` event: ``config`` (a TrainConfig), ``hyper`` (its Recipe after
-    departures), the layout and data it runs on."""
+    departures), the layout and data it runs on, and ``numerics`` (the run's
+    :class:`~alexnet2gpu.parallel.Numerics`, applied): its precision, memory format and
+    the backends' switches."""
     import torchvision
 
     split = {name: _images(getattr(data, name)) for name in ("train", "val", "test")}
@@ -36,7 +40,7 @@ def config_record(config, hyper, departures: list[str], layout, data, resumed_fr
         "departures": list(departures),
         "data": data.description,
         "split": split,
-        "precision": "fp32",
+        **numerics.record(),
         "placement": layout.placement,
         "devices": layout.describe(),
         "weights_from": config.weights,

@@ -6,7 +6,12 @@ writes, displays and checks each in order. On a GPU every ``float()``, ``.item()
 reads its loss once per ``log_interval``, keeps the GPU fed.
 
 ``run`` is the loop's ``_Run`` (:mod:`.loop`): its config, layout, metrics, display,
-means, optimizer, the pending steps and ``sum_over_ranks``.
+means, optimizer, numerics, the pending steps and ``sum_over_ranks``.
+
+fp16 (``--precision fp16``): non-finite gradients are those of the scaled loss, and an
+overflow of the loss scale is routine: the scaler skips that step and halves its scale
+(every rank alike), so such a step is recorded as skipped with its loss scale, counted
+in ``overflows``, and is not a fault. A non-finite *loss* is one in every precision.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ class PendingStep:
     epoch: int
     lr: float
     host_seconds: float  # the host's time in the step (on a GPU: launching; the rest shows at the sync)
-    stats: torch.Tensor  # [loss, correct, seen, non-finite loss, ... gradients in tower a, in b], float64
+    stats: torch.Tensor  # [loss, correct, seen, non-finite loss, ... gradients in tower a, in b, loss scale], float64
 
 
 def agreed_signal(run) -> int:
@@ -56,8 +61,13 @@ def sync(run) -> bool:
     rows = run.sum_over_ranks(torch.stack([p.stats for p in pending])).tolist()  # the one host sync
     waited = (time.perf_counter() - t0) / len(pending)  # the device's time not seen while launching
     nonfinite = False
-    for p, (loss_sum, correct, seen, bad_loss, bad_a, bad_b) in zip(pending, rows):
+    scaled = run.numerics.scaled
+    for p, (loss_sum, correct, seen, bad_loss, bad_a, bad_b, scale_sum) in zip(pending, rows):
         dt = p.host_seconds + waited
+        overflow = scaled and not bad_loss and bool(bad_a or bad_b)  # the scaler skipped it: routine
+        if overflow:
+            bad_a = bad_b = 0.0
+            run.overflows += 1
         nonfinite = bool(bad_loss or bad_a or bad_b)
         if nonfinite:
             on_nonfinite(run, nonfinite_message(p.step, bad_loss, bad_a, bad_b, run.layout.two_towers), p)
@@ -73,7 +83,8 @@ def sync(run) -> bool:
             accuracy=correct / seen if seen else 0.0,
             lr=p.lr,
             images_per_s=seen / dt if dt > 0 else 0.0,
-            skipped=nonfinite,
+            skipped=nonfinite or overflow,
+            loss_scale=scale_sum / run.layout.dp_size if scaled else None,
         )
         if not nonfinite:
             run.means.add(record.loss, correct, seen)
