@@ -10,6 +10,12 @@ ratios are taken within a round, then their median over the rounds is reported b
 each round's ratio and the load average. Compiled rounds time torchvision and
 dual/towers with `--compile`. Memory: the estimated activations of dual at batch 64, and
 split's larger device against one device. Writes targets.json and targets.md to DIR.
+
+    .venv/bin/python scripts/bench_targets.py --precision-speed [--rounds 5] [--out DIR]
+
+instead times bf16 (autocast) against fp32 training steps of dual/towers (227 px) and
+simplified (224 px) at batch 32, one thread, fp32 and bf16 interleaved in each round, and
+writes DIR/precision-speed.json with the bf16/fp32 ratio per round and its median.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -55,7 +62,7 @@ SIZE: list[str] = []  # --smoke: a tiny net, to try the script itself in seconds
 
 def _bench(name: str, flags: list[str], out: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cli = ["-m", "alexnet2gpu", "bench", *flags, *COMMON, *SIZE, "--json", str(out)]
+    cli = ["-m", "alexnet2gpu", "bench", *COMMON, *flags, *SIZE, "--json", str(out)]  # a variant's flags win
     if "ranks" in name:
         argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *cli]
     else:
@@ -78,6 +85,55 @@ def _round(variants: dict[str, list[str]], index: int, tmp: Path) -> dict:
     load_before = _load()
     rows = {name: _bench(name, variants[name], tmp / f"{index}-{name.replace('/', '_')}.json") for name in order}
     return {"order": order, "load_before": load_before, "load_after": _load(), "rows": rows}
+
+
+# --precision-speed: a bf16 training step against fp32 on this CPU, the same net, batch 32
+PRECISION_BATCH = 32
+PRECISION = {
+    f"{net}/{precision}": [*flags, "--precision", precision, "--batch-sizes", str(PRECISION_BATCH)]
+    for net, flags in (
+        ("dual/towers", EAGER["dual/towers"]),
+        ("simplified", ["--model", "simplified", "--placement", "single", "--devices", "cpu"]),
+    )
+    for precision in ("fp32", "bf16")
+}
+
+
+def _precision_speed(rounds: int, out: Path, tmp: Path) -> None:
+    """Rounds of fresh processes, fp32 and bf16 of each net interleaved (dual/towers fp32,
+    bf16, simplified fp32, bf16, the order rotated each round); bf16/fp32 per net per round."""
+    started = time.time()
+    cpu_flags = sorted(
+        set(re.findall(r"\b(avx512_bf16|amx_bf16|amx_tile|avx512f)\b", Path("/proc/cpuinfo").read_text()))
+    )
+    done = []
+    for i in range(rounds):
+        print(f"precision round {i + 1}/{rounds}", flush=True)
+        done.append(_round(PRECISION, i, tmp))
+    nets = sorted({name.rsplit("/", 1)[0] for name in PRECISION})
+    ratios = {net: _ratios(done, f"{net}/bf16", f"{net}/fp32") for net in nets}
+    # the same from CPU seconds per step (fp32's over bf16's): the work, which other jobs'
+    # load on a shared machine does not inflate as it does wall time
+    cpu = {
+        net: [r["rows"][f"{net}/fp32"]["cpu_s_per_step"] / r["rows"][f"{net}/bf16"]["cpu_s_per_step"] for r in done]
+        for net in nets
+    }
+    report = {
+        "rounds": done,
+        "bf16_over_fp32": {net: {"per_round": r, "median": statistics.median(r)} for net, r in ratios.items()},
+        "bf16_over_fp32_cpu_time": {net: {"per_round": r, "median": statistics.median(r)} for net, r in cpu.items()},
+        "cpu_flags": cpu_flags,
+        "wall_s": time.time() - started,
+        "command": " ".join(sys.argv),
+    }
+    (out / "precision-speed.json").write_text(json.dumps(report, indent=2) + "\n")
+    for net, r in ratios.items():
+        print(
+            f"{net}: bf16/fp32 images/s per round {', '.join(f'{x:.2f}' for x in r)}; "
+            f"median {statistics.median(r):.2f}x; from CPU seconds per step "
+            f"{', '.join(f'{x:.2f}' for x in cpu[net])}; median {statistics.median(cpu[net]):.2f}x"
+        )
+    print(f"CPU flags: {', '.join(cpu_flags) or 'none'}; wall {report['wall_s']:.0f} s")
 
 
 def _memory(placement: str, devices: str, tmp: Path) -> dict:
@@ -120,12 +176,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="eager rounds (default: %(default)s)")
     parser.add_argument("--compiled-rounds", type=int, default=2, help="compiled rounds (default: %(default)s)")
     parser.add_argument("--out", default="results/targets", help="output folder (default: %(default)s)")
-    parser.add_argument("--smoke", action="store_true", help="a tiny net (width 1/16, 64 px): tries the script")
+    parser.add_argument("--smoke", action="store_true", help="a tiny net (width 1/16, 67 px): tries the script")
+    parser.add_argument(
+        "--precision-speed",
+        action="store_true",
+        help=f"instead: bf16 against fp32 training steps (dual/towers, simplified; batch {PRECISION_BATCH}), "
+        "--rounds rounds, written to OUT/precision-speed.json",
+    )
     args = parser.parse_args()
     if args.smoke:
-        SIZE.extend(["--width", "0.0625", "--image-size", "64"])
+        SIZE.extend(["--width", "0.0625", "--image-size", "67"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.precision_speed:
+        with tempfile.TemporaryDirectory() as tmp_name:
+            _precision_speed(args.rounds, out, Path(tmp_name))
+        return
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

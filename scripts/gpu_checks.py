@@ -128,7 +128,18 @@ def _verify_figure(data: dict) -> str:
     error = max(worst["logits_rel_err"], worst["loss_rel_err"], worst["grads_rel_err"])
     where = f"{worst['placement']} on {','.join(worst['devices'])}"
     ok = sum(c["ok"] for c in checks)
-    return f"{ok}/{len(checks)} placements agree; worst relative error {error:.1e} ({where})"
+    text = f"{ok}/{len(checks)} placements agree; worst relative error {error:.1e} ({where})"
+    precision = (data.get("numerics") or {}).get("precision", "fp32")
+    if precision == "fp32":
+        return text
+    limits = data.get("tolerances") or {}
+    agreements = data.get("agreements") or []
+    among = max((a["grads_rel_err"] for a in agreements), default=0.0)
+    return (
+        f"{precision}: {text}, against tolerances {limits.get('forward', 0):.3g} (logits, loss) and "
+        f"{limits.get('grads', 0):.3g} (gradients); {sum(a['ok'] for a in agreements)}/{len(agreements)} "
+        f"pairs of placements agree, worst gradient {among:.1e}"
+    )
 
 
 def _estimate_figure(data: dict) -> str:
@@ -191,8 +202,9 @@ def _bench_figure(data: dict) -> str:
     batch = _batch_of(data["results"])
     rates = {r["mode"]: r for r in data["results"] if r["batch_size"] == batch}
     any_row = next(iter(rates.values()))
+    precision = (any_row.get("numerics") or {}).get("precision", "fp32")
     return (
-        f"{any_row['model']}/{any_row['placement']} on {any_row['device']}: images/s at batch {batch}, "
+        f"{any_row['model']}/{any_row['placement']} on {any_row['device']}, {precision}: images/s at batch {batch}, "
         f"train {_rate(rates.get('train', {}).get('images_per_s'))}, "
         f"infer {_rate(rates.get('infer', {}).get('images_per_s'))}"
     )

@@ -105,6 +105,8 @@ steps() {  # every step, the most important first; GPUS is the machine's GPU cou
     step env 15 "$PY" "$HELPER" env --json "$OUT/env.json"
     # every placement on the GPU against float64 (towers, grouped; split on cuda:0,cuda:1 or cpu,cpu)
     step verify 30 "${A2G[@]}" verify --json "$OUT/verify.json"
+    # the same under bf16 autocast: tolerances from bf16's unit roundoff, placement against placement
+    step verify-bf16 20 "${A2G[@]}" verify --precision bf16 --json "$OUT/verify-bf16.json"
     # split across the GPU and the CPU: real device-to-device copies, forward and backward
     step split-cuda0-cpu 25 "$PY" "$HELPER" verify-placement split cuda:0,cpu --json "$OUT/split-cuda0-cpu.json"
     # the CPU memory estimate against the allocator: both two-tower placements of one GPU, and
@@ -117,12 +119,13 @@ steps() {  # every step, the most important first; GPUS is the machine's GPU cou
     done
     # the new LRN against nn.LocalResponseNorm (and torch.compile of it)
     step lrn 45 "$PY" scripts/lrn_check.py "$OUT/lrn.json"
-    # the whole comparison at GPU batches (with two GPUs it also measures split and ranks)
+    # the whole comparison at GPU batches (with two GPUs it also measures split and ranks), in
+    # fp32 only: its default on CUDA adds every row again in bf16, twice the time (bench-bf16 below)
     step compare $((GPUS >= 2 ? 150 : 105)) "${A2G[@]}" compare --out "$OUT/compare" --threads 0 \
-        --batch-sizes 64,128,256 --memory-batch-size 128 --repeats 5 --steps 5 --warmup 3
+        --batch-sizes 64,128,256 --memory-batch-size 128 --repeats 5 --steps 5 --warmup 3 --precision fp32
     # compiled beside eager at batch 128: each mode of each variant compiles once, timed apart
-    step compile 140 "${A2G[@]}" compare --out "$OUT/compile" --threads 0 \
-        --variants dual/towers,torchvision --compile --no-overhead \
+    step compile 120 "${A2G[@]}" compare --out "$OUT/compile" --threads 0 \
+        --variants dual/towers,torchvision --compile --no-overhead --precision fp32 \
         --batch-sizes 128 --memory-batch-size 128 --repeats 5 --steps 5 --warmup 3
     if [ "$GPUS" -ge 2 ]; then
         step split-cuda0-cuda1 30 "${A2G[@]}" memory --model dual --placement split --devices cuda:0,cuda:1 \
@@ -133,6 +136,9 @@ steps() {  # every step, the most important first; GPUS is the machine's GPU cou
         skip split-cuda0-cuda1 "needs two GPUs and this machine has $GPUS (split-cuda0-cpu ran split across devices)"
         skip ranks "torchrun --nproc-per-node 2 puts one tower per GPU and this machine has $GPUS"
     fi
+    # dual/towers in bf16 on one GPU at batch 128, against compare's fp32 row of the same batch
+    extra bench-bf16 25 "${A2G[@]}" bench --model dual --placement towers --devices cuda:0 --precision bf16 \
+        --batch-sizes 128 --mode both --repeats 5 --steps 5 --warmup 3 --json "$OUT/bench-bf16.json"
     extra pytest-cuda 60 "$PY" -m pytest tests -q -rs -k cuda -p no:cacheprovider
     extra memory-snapshot 30 "${A2G[@]}" memory --model dual --placement grouped --devices cuda:0 \
         --batch-size 128 --json "$OUT/memory-snapshot.json" --snapshot "$OUT/memory-snapshot.pickle"

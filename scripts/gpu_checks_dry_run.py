@@ -149,13 +149,13 @@ def _plan_compare(args) -> list[str]:
 
     from alexnet2gpu.cli.compare import config_from_args
     from alexnet2gpu.measure.compare import _devices_for, _measurable, plan_variants
-    from alexnet2gpu.measure.matrix import VARIANTS, eager_name
+    from alexnet2gpu.measure.matrix import VARIANTS, base_name
     from alexnet2gpu.parallel import resolve_layout
 
     names, _notes = plan_variants(config_from_args(args))
     plans = []
     for name in names:
-        spec = VARIANTS[eager_name(name)]
+        spec = VARIANTS[base_name(name)]
         two = _two_tower(spec.model)
         if spec.processes > 1:
             for env in _ranks_of(spec.processes):

@@ -349,3 +349,86 @@ def test_progress_in_a_log_is_plain_lines_with_an_eta(capsys, monkeypatch):
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[0].startswith("dual/towers: 1/4 done, ") and "ETA" in lines[0]
     assert lines[-1].startswith("dual/towers: 4/4 done, ") and lines[-1].endswith("ETA 0 s")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("placement,devices", [("towers", "cpu"), ("split", "cpu,cpu")])
+def test_bench_in_low_precision_trains_and_records_its_numerics(precision, placement, devices):
+    from alexnet2gpu.parallel import Numerics
+
+    placed = place(build_model("dual", **TINY), placement, devices)
+    before = placed.fc8.weight.detach().clone()
+    numerics = Numerics(precision)
+    # warm-up 1: float16's GradScaler skips its first step (2^16 overflows, the scale halves)
+    results = bench_placed(placed, "dual", [2], warmup=1, repeats=1, numerics=numerics)
+    assert [r.mode for r in results] == ["train", "infer"]
+    for r in results:
+        assert r.numerics == numerics.record() and r.precision == precision and r.images_per_s > 0
+    assert not torch.equal(before, placed.fc8.weight) and placed.fc8.weight.dtype == torch.float32
+
+
+def test_inference_runs_under_autocast(monkeypatch):
+    from alexnet2gpu.parallel import Numerics
+
+    placed = place(build_model("dual", **TINY), "towers", "cpu")
+    dtypes = []
+    placed.fc8.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    bench_placed(placed, "dual", [2], ["infer"], warmup=0, repeats=1, numerics=Numerics("bf16"))
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+
+
+def test_bench_channels_last_on_the_command_line(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["bench", *TINY_ARGS, "--placement", "towers", "--devices", "cpu", "--batch-sizes", "2"]
+    argv += ["--repeats", "1", "--warmup", "0", "--precision", "bf16", "--channels-last", "--json", str(out)]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["numerics"]["precision"] == "bf16" and row["numerics"]["memory_format"] == "channels_last"
+        assert {"cudnn_benchmark", "tf32_matmul", "tf32_cudnn", "float32_matmul_precision"} <= row["numerics"].keys()
+
+
+def test_cudnn_benchmark_is_on_for_cuda_unless_switched_off():
+    import argparse
+
+    from alexnet2gpu.cli import bench as bench_cli
+    from alexnet2gpu.cli.arguments import numerics_from_args
+
+    parser = argparse.ArgumentParser()
+    bench_cli.add_arguments(parser)
+    assert numerics_from_args(parser.parse_args([]), cuda=True).cudnn_benchmark is True
+    assert numerics_from_args(parser.parse_args(["--no-cudnn-benchmark"]), cuda=True).cudnn_benchmark is False
+    assert numerics_from_args(parser.parse_args([]), cuda=False).cudnn_benchmark is None  # the CPU: left alone
+    assert numerics_from_args(parser.parse_args(["--precision", "fp16"])).scaled
+
+
+def test_against_plain_loop_refuses_low_precision(capsys):
+    argv = ["bench", *tiny_args("simplified"), "--batch-sizes", "2", "--precision", "bf16", "--against-plain-loop"]
+    assert main(argv) == 2
+    assert "--against-plain-loop times float32" in capsys.readouterr().err
+
+
+def test_results_md_s_bf16_speed_ratios_are_their_records():
+    """docs/results.md's bf16-against-fp32 table: every per-round ratio and median is the
+    records' (images/s, and CPU seconds per step, fp32's over bf16's)."""
+    import re
+    import statistics
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    text = (docs / "results.md").read_text()
+    for run, name in ((1, "bf16-cpu-speed.json"), (2, "bf16-cpu-speed-2.json")):
+        record = json.loads((docs / "runs" / name).read_text())
+        for net in ("dual/towers", "simplified"):
+            rows = [(r["rows"][f"{net}/fp32"], r["rows"][f"{net}/bf16"]) for r in record["rounds"]]
+            speed = [b["images_per_s"] / f["images_per_s"] for f, b in rows]
+            work = [f["cpu_s_per_step"] / b["cpu_s_per_step"] for f, b in rows]
+            cells = [
+                ", ".join(f"{x:.2f}" for x in speed),
+                f"{statistics.median(speed):.2f}x",
+                ", ".join(f"{x:.2f}" for x in work),
+                f"**{statistics.median(work):.2f}x**",
+            ]
+            row = rf"\| {re.escape(net)}, 22\d px \| {run} \| " + r" \| ".join(map(re.escape, cells)) + r" \|"
+            assert re.search(row, text), (run, net, cells)

@@ -46,6 +46,10 @@ def test_help_version_and_refused_flags_import_no_torch():
         ["bench", "--repeats", "many"],
         ["summary", "--model", "vgg"],
         ["memory", "--source"],
+        ["bench", "--precision", "fp8"],
+        ["verify", "--precision", "bf15"],
+        ["compare", "--precision", "fp32,int8"],
+        ["verify", "--channels-last"],
     ]
     helps = [["--help"], ["--version"], *[[command, "--help"] for command in COMMANDS]]
     result = subprocess.run(
@@ -116,6 +120,26 @@ def test_a_mistyped_command_or_choice_names_the_closest(capsys):
     err = _refusal(capsys, ["memory", "--placement", "splt"])
     assert err.startswith("alexnet2gpu memory: error: argument --placement: invalid choice: 'splt'")
     assert err.endswith(" (did you mean 'split'?) (see alexnet2gpu memory --help)\n")
+
+
+def test_precision_flags_parse_and_a_bad_one_names_the_closest(capsys):
+    from alexnet2gpu.cli.main import build_parser
+
+    args = build_parser().parse_args(["bench", "--precision", "bf16", "--channels-last", "--no-cudnn-benchmark"])
+    assert (args.precision, args.channels_last, args.cudnn_benchmark) == ("bf16", True, False)
+    args = build_parser().parse_args(["bench"])
+    assert (args.precision, args.channels_last, args.cudnn_benchmark) == ("fp32", False, None)
+    assert build_parser().parse_args(["verify", "--precision", "fp16"]).precision == "fp16"
+    args = build_parser().parse_args(["compare", "--precision", "fp32,bf16", "--channels-last"])
+    assert (args.precision, args.channels_last) == (["fp32", "bf16"], True)
+    assert build_parser().parse_args(["compare"]).precision is None  # fp32, and bf16 where CUDA runs
+    err = _refusal(capsys, ["bench", "--precision", "bf61"])
+    assert "invalid choice: 'bf61'" in err and "(did you mean 'bf16'?)" in err and err.count("\n") == 1
+    err = _refusal(capsys, ["compare", "--precision", "fp32,bf61"])
+    assert err == (
+        "alexnet2gpu compare: error: argument --precision: unknown precision 'bf61' in 'fp32,bf61': "
+        "choose from fp32, bf16, fp16 (see alexnet2gpu compare --help)\n"
+    )
 
 
 def test_the_parsers_names_match_the_code_that_uses_them():

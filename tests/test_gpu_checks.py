@@ -18,11 +18,11 @@ from alexnet2gpu.parallel import resolve_layout
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_checks.sh"
 # the steps, most important first; with one GPU the two-GPU steps are skipped, saying why
-FIRST = ["env", "verify", "split-cuda0-cpu"]
+FIRST = ["env", "verify", "verify-bf16", "split-cuda0-cpu"]
 ESTIMATES = ["estimate-dual-grouped", "estimate-dual-towers", "estimate-simplified-single", "estimate-half-auto"]
 ONE_GPU = [*FIRST, *ESTIMATES, "lrn", "compare", "compile"]
 TWO_GPUS = ["split-cuda0-cuda1", "ranks"]
-EXTRAS = ["pytest-cuda", "memory-snapshot"]
+EXTRAS = ["bench-bf16", "pytest-cuda", "memory-snapshot"]
 
 
 def _load(name: str):
@@ -239,3 +239,29 @@ def test_the_summary_table_has_every_step_and_its_key_figure(tmp_path):
     assert "batch 128: dual/towers 4,321 / 9,876; dual/split memory only" in table
     assert "| ranks | skipped | | | needs two GPUs |" in table
     assert "| pytest-cuda | 1 | 10.0 | 60 | 1 failed, 8 passed, 2 skipped in 9.10s |" in table
+
+
+def test_the_bf16_steps_key_figures_say_the_precision_and_tolerances(tmp_path):
+    helper = _load("gpu_checks")
+    check = {"placement": "towers", "devices": ["cuda:0"], "logits_rel_err": 4e-3, "loss_rel_err": 1e-4}
+    data = {
+        "numerics": {"precision": "bf16"},
+        "tolerances": {"forward": 0.0625, "grads": 0.26, "agree": 0.0625},
+        "checks": [{**check, "grads_rel_err": 0.02, "ok": True}],
+        "agreements": [{"grads_rel_err": 0.005, "ok": True}, {"grads_rel_err": 0.0, "ok": True}],
+    }
+    assert helper.figure_of(data) == (
+        "bf16: 1/1 placements agree; worst relative error 2.0e-02 (towers on cuda:0), against tolerances "
+        "0.0625 (logits, loss) and 0.26 (gradients); 2/2 pairs of placements agree, worst gradient 5.0e-03"
+    )
+    row = {
+        "model": "dual",
+        "placement": "towers",
+        "device": "cuda:0",
+        "batch_size": 128,
+        "numerics": {"precision": "bf16"},
+    }
+    bench = {
+        "results": [{**row, "mode": "train", "images_per_s": 5000.0}, {**row, "mode": "infer", "images_per_s": 9e3}]
+    }
+    assert helper.figure_of(bench) == "dual/towers on cuda:0, bf16: images/s at batch 128, train 5,000, infer 9,000"

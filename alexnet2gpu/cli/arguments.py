@@ -10,9 +10,18 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..models.names import MODEL_NAMES
-from ..parallel.names import PLACEMENTS
+from ..parallel.names import PLACEMENTS, PRECISIONS
 
-__all__ = ["add_model_arguments", "add_placement_arguments", "check_output_dir", "check_output_file", "model_kwargs"]
+__all__ = [
+    "add_model_arguments",
+    "add_placement_arguments",
+    "add_precision_arguments",
+    "check_output_dir",
+    "check_output_file",
+    "model_kwargs",
+    "numerics_from_args",
+    "precision_list",
+]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "dual") -> None:
@@ -51,6 +60,64 @@ def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
         "--devices",
         default=None,
         help="comma-separated devices, e.g. cuda:0,cuda:1 or cpu,cpu (default: chosen by the placement)",
+    )
+
+
+def add_precision_arguments(
+    parser: argparse.ArgumentParser, *, channels_last: bool = False, cudnn_benchmark: bool = False
+) -> None:
+    """``--precision fp32|bf16|fp16``; with ``channels_last`` also ``--channels-last``, with
+    ``cudnn_benchmark`` also ``--cudnn-benchmark/--no-cudnn-benchmark`` (default: on where
+    CUDA runs the step). :func:`numerics_from_args` turns them into a ``Numerics``."""
+    group = parser.add_argument_group("numerics")
+    group.add_argument(
+        "--precision",
+        default="fp32",
+        choices=PRECISIONS,
+        help="fp32 (the paper's), or torch.autocast to bf16 or fp16 with float32 weights "
+        "(fp16 also scales the loss) (default: %(default)s)",
+    )
+    if channels_last:
+        group.add_argument(
+            "--channels-last",
+            action=argparse.BooleanOptionalAction,
+            default=False,
+            help="the net and its input in channels-last memory format (default: off)",
+        )
+    if cudnn_benchmark:
+        group.add_argument(
+            "--cudnn-benchmark",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="torch.backends.cudnn.benchmark: let cuDNN time its algorithms for each shape "
+            "(default: on where the step runs on CUDA, as torch leaves it elsewhere)",
+        )
+
+
+def precision_list(text: str) -> list[str]:
+    """``"fp32,bf16"`` -> ``["fp32", "bf16"]`` (an argparse ``type``: a bad name is refused
+    with one line that lists the choices)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    bad = [name for name in names if name not in PRECISIONS] or ([] if names else [""])
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"unknown precision '{bad[0]}' in '{text}': choose from {', '.join(PRECISIONS)}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def numerics_from_args(args: argparse.Namespace, *, cuda: bool = False):
+    """The ``Numerics`` the flags of :func:`add_precision_arguments` ask for (imports torch).
+    ``cuda``: the step runs on CUDA, so an unset ``--cudnn-benchmark`` means on."""
+    from ..parallel.precision import Numerics
+
+    benchmark = getattr(args, "cudnn_benchmark", None)
+    if benchmark is None and cuda and hasattr(args, "cudnn_benchmark"):
+        benchmark = True
+    return Numerics(
+        precision=getattr(args, "precision", "fp32"),
+        channels_last=bool(getattr(args, "channels_last", False)),
+        cudnn_benchmark=benchmark,
     )
 
 

@@ -8,12 +8,19 @@ from __future__ import annotations
 import argparse
 
 from ..errors import Alexnet2gpuError, ConfigError
-from .arguments import add_model_arguments, add_placement_arguments, model_kwargs
+from .arguments import (
+    add_model_arguments,
+    add_placement_arguments,
+    add_precision_arguments,
+    model_kwargs,
+    numerics_from_args,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_placement_arguments(parser)
+    add_precision_arguments(parser, channels_last=True, cudnn_benchmark=True)
     group = parser.add_argument_group("measuring")
     group.add_argument(
         "--batch-sizes",
@@ -56,6 +63,8 @@ def _overhead(args: argparse.Namespace, placed, batch_size: int, kwargs: dict, s
     from ..measure.bench import measure_overhead
     from ..report.bench import progress_bar
 
+    if args.precision != "fp32" or args.channels_last:
+        raise ConfigError("--against-plain-loop times float32 contiguous steps: drop --precision and --channels-last")
     if placed.layout.towers_apart:
         raise ConfigError("--against-plain-loop compares one device: use --placement towers, grouped or auto")
     with progress_bar(args.repeats, "harness against a plain loop", enabled=show) as bar:
@@ -108,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         torch.manual_seed(args.seed)
         placed = place(build_model(args.model, **kwargs), args.placement, args.devices)
+        numerics = numerics_from_args(args, cuda=placed.layout.device.type == "cuda")
         if args.compile:
             compile_placed(placed)
         total = len(batch_sizes) * len(modes) * args.repeats
@@ -125,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
                 model_kwargs=kwargs,
                 on_repeat=bar.advance,
                 compiled=args.compile,
+                numerics=numerics,
             )
         overhead = _overhead(args, placed, batch_sizes[0], kwargs, show) if args.against_plain_loop else None
     finally:

@@ -4,7 +4,9 @@ itself), and the peers half and torchvision, side by side: parameters and memory
 device, training and inference images/s over batch sizes, bytes exchanged per step and
 speed-ups. Writes DIR/compare.json, DIR/compare.md and PNG plots, atomically: an
 interrupted run leaves the previous report as it was. Defaults fit 10 minutes on a 2-core
-CPU; --quick fits 2 and writes to compare-out/quick."""
+CPU; --quick fits 2 and writes to compare-out/quick. --precision fp32,bf16 adds every row
+again under bf16 autocast (VARIANT+bf16; the default where CUDA runs the steps) with its
+gain over fp32."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import shlex
 import sys
 
 from ..errors import Alexnet2gpuError
-from .arguments import check_output_dir
+from .arguments import check_output_dir, precision_list
 
 FULL_OUT, QUICK_OUT = "compare-out", "compare-out/quick"
 
@@ -63,6 +65,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "gain and the compile time reported apart (default: off)",
     )
     parser.add_argument(
+        "--precision",
+        type=precision_list,
+        default=None,
+        metavar="LIST",
+        help="comma-separated precisions of the rows, from fp32, bf16, fp16; rows beyond fp32 run under "
+        "torch.autocast and are named VARIANT+bf16 (default: fp32,bf16 where CUDA runs the steps, fp32 on the CPU)",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="every net and batch in channels-last memory format (default: off)",
+    )
+    parser.add_argument(
         "--overhead",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -85,6 +101,8 @@ def config_from_args(args: argparse.Namespace):
     overrides["threads"] = args.threads or None
     overrides["overhead"] = args.overhead
     overrides["compile"] = args.compile
+    overrides["precisions"] = args.precision
+    overrides["channels_last"] = args.channels_last
     return CompareConfig.quick(**overrides) if args.quick else CompareConfig(**overrides)
 
 

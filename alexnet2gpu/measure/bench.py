@@ -8,7 +8,9 @@ half the range of the repeats.
 
 A training step is ``forward_loss(placed, x, y).backward()`` and an SGD step (momentum
 0.9) for every placement, with ``zero_grad(set_to_none=True)`` first; inference is
-``placed(x)`` under ``torch.inference_mode()``, the network in eval mode.
+``placed(x)`` under ``torch.inference_mode()``, the network in eval mode. Both run under
+the step's :class:`~alexnet2gpu.parallel.Numerics` (autocast to bf16/fp16, channels-last),
+whose settings every record carries.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models import build_model, is_two_tower
-from ..parallel import devices_of, own_forward_placement, place
+from ..parallel import FP32, Numerics, devices_of, own_forward_placement, place
 from .oom import out_of_memory_error
 from .timing import busiest_cpu_seconds, rates_summary, time_once, time_repeats
 from .workload import (
@@ -69,6 +71,12 @@ class BenchResult:
     # seconds of the first, compiling call (compilation plus one step) for this mode and
     # batch; never inside images/s, which the timed repeats after the warm-up give
     compile_s: float | None = None
+    # the step's arithmetic: precision, memory format, cudnn.benchmark, TF32 (Numerics.record)
+    numerics: dict = field(default_factory=dict)
+
+    @property
+    def precision(self) -> str:
+        return self.numerics.get("precision", "fp32")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -111,29 +119,34 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def _mode_step(placed: nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+def _mode_step(
+    placed: nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor, numerics: Numerics = FP32
+) -> Callable[[], None]:
     """The call that ``mode`` times: a training step (the net in train mode, a fresh SGD
-    optimizer) or inference (eval mode, ``torch.inference_mode``)."""
+    optimizer, float16's GradScaler) or inference (eval mode, ``torch.inference_mode``),
+    both under the precision's autocast."""
+    devices = devices_of(placed)
     if mode == "train":
         placed.train()
         optimizer = make_optimizer(placed)
-        return lambda: train_step(placed, optimizer, x, y)
+        scaler = numerics.grad_scaler(devices[0].type) if numerics.scaled else None
+        return lambda: train_step(placed, optimizer, x, y, numerics, scaler)
     placed.eval()
 
     def infer() -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), numerics.autocast(devices):
             placed(x)
 
     return infer
 
 
 def _measure(
-    placed: nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor, compiled: bool, timing: dict
+    placed: nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor, compiled: bool, timing: dict, numerics: Numerics
 ) -> tuple[list[float], list[float], float | None]:
     """(seconds per step, CPU seconds per step, compile seconds or None) for one mode and
     batch. A compiled step is compiled afresh by its first call, timed on its own and kept
     out of the repeats; the ``warmup`` calls follow it."""
-    step = _mode_step(placed, mode, x, y)
+    step = _mode_step(placed, mode, x, y, numerics)
     devices = devices_of(placed)
     compile_s = None
     if compiled:
@@ -159,11 +172,14 @@ def bench_placed(
     model_kwargs: dict | None = None,
     on_repeat: Callable[[], None] | None = None,
     compiled: bool = False,
+    numerics: Numerics = FP32,
 ) -> list[BenchResult]:
     """Measures ``placed`` for every (mode, batch size); one record each. ``compiled``:
     ``placed`` was prepared by :func:`~.workload.compile_placed`; its compile time is
-    measured apart. A CUDA out-of-memory error becomes an :class:`Alexnet2gpuError` that
-    names the device, the batch and the largest batch the memory estimate says would fit."""
+    measured apart. ``numerics``: the step's precision and memory format (``placed`` is
+    put in its memory format here, and so is each batch; cudnn.benchmark is set). A CUDA
+    out-of-memory error becomes an :class:`Alexnet2gpuError` that names the device, the
+    batch and the largest batch the memory estimate says would fit."""
     modes = list(modes)
     for mode in modes:
         if mode not in MODES:
@@ -171,12 +187,15 @@ def bench_placed(
     check_batch_sizes(placed, batch_sizes)
     layout = placed.layout
     timing = {"warmup": warmup, "repeats": repeats, "steps": steps, "on_repeat": on_repeat}
+    numerics.apply()
+    numerics.format_model(placed)
     results = []
     for batch_size in batch_sizes:
         x, y = make_batch(placed, batch_size, seed=seed)
+        x = numerics.format_input(x)
         for mode in modes:
             try:
-                seconds, cpu, compile_s = _measure(placed, mode, x, y, compiled, timing)
+                seconds, cpu, compile_s = _measure(placed, mode, x, y, compiled, timing, numerics)
             except torch.OutOfMemoryError as error:
                 placed.zero_grad(set_to_none=True)
                 raise out_of_memory_error(
@@ -201,6 +220,7 @@ def bench_placed(
                     cpu_s_per_step=statistics.median(busiest_cpu_seconds(cpu)),
                     compiled=compiled,
                     compile_s=compile_s,
+                    numerics=numerics.record(),
                 )
             )
     placed.train()
@@ -220,6 +240,7 @@ def run_bench(
     seed: int = 0,
     on_repeat: Callable[[], None] | None = None,
     compiled: bool = False,
+    numerics: Numerics = FP32,
     **model_kwargs,
 ) -> list[BenchResult]:
     """Builds and places ``model_name`` (``compiled``: then compiles it with
@@ -242,6 +263,7 @@ def run_bench(
         model_kwargs=model_kwargs,
         on_repeat=on_repeat,
         compiled=compiled,
+        numerics=numerics,
     )
 
 

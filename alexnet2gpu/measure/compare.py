@@ -6,12 +6,15 @@ The matrix (:mod:`.matrix`): ``simplified``, ``dual/towers``, ``dual/grouped``,
 ``dual/split`` (two GPUs; without them only its memory, estimated for cuda:0 and cuda:1),
 ``dual/ranks`` (a 2-process torchrun job, launched here when this process is not one, with
 its JSON read back), and the peers ``half`` and ``torchvision``; with ``compile``, each
-measurable one again under ``torch.compile`` as ``NAME+compile``. Every figure carries its
-source (measured or estimated) and device.
+measurable one again under ``torch.compile`` as ``NAME+compile``; in each precision of
+``config.resolved_precisions()`` beyond fp32 (bf16 by default on CUDA), each one again
+under autocast as ``NAME+bf16``. Every figure carries its source (measured or estimated),
+its device and its numerics (precision, memory format, cudnn.benchmark, TF32).
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import tempfile
 import time
@@ -20,40 +23,74 @@ from dataclasses import asdict
 
 import torch
 
-from ..parallel import TorchrunEnv, close_distributed
+from ..parallel import Numerics, TorchrunEnv, close_distributed
 from ..parallel.layout import _local_device
 from .accounting import MemoryReport
 from .bench import BenchResult, OverheadResult, measure_overhead, run_bench
 from .launch import run_torchrun_job
-from .matrix import COMPILED, VARIANTS, CompareConfig, CompareReport, Variant, VariantSpec, eager_name
+from .matrix import (
+    COMPILED,
+    VARIANTS,
+    CompareConfig,
+    CompareReport,
+    Variant,
+    VariantSpec,
+    base_name,
+    eager_name,
+    precision_of,
+    variant_name,
+)
 from .memory import run_memory
 from .timing import machine_info
 
-__all__ = ["plan_variants", "run_compare", "units_of_work"]
+__all__ = ["numerics_for", "plan_variants", "run_compare", "units_of_work"]
 
 
 def plan_variants(config: CompareConfig) -> tuple[list[str], dict[str, str]]:
-    """The variants this machine runs (with ``config.compile``, each measurable one also
-    as ``NAME+compile``), and a reason for each one it skips or only estimates."""
+    """The variants this machine runs (in every precision of the config, ``NAME+bf16``
+    beyond fp32; with ``config.compile``, each measurable one also as ``NAME+compile``),
+    and a reason for each one it skips or only estimates."""
     gpus = torch.cuda.device_count()
     run, notes = [], {}
-    for name in config.variants:
-        spec = VARIANTS[name]
-        if spec.processes > 1 and gpus == 1:
-            notes[name] = f"skipped: {spec.placement} puts one tower per GPU and this machine has 1 GPU"
-            continue
-        run.append(name)
-        if not _measurable(spec):
-            notes[name] = (
-                f"throughput not measured: {spec.placement} needs two GPUs and this machine has {gpus}; "
-                "memory estimated for cuda:0 and cuda:1 (one real step on CPU stand-ins)"
-            )
-            if config.compile:
-                notes[name + COMPILED] = f"skipped: {spec.placement} needs two GPUs to be measured at all"
-        elif config.compile:
-            run.append(name + COMPILED)
-            notes[name + COMPILED] = "compiled with torch.compile (inductor, static shapes); memory not measured"
+    for precision in config.resolved_precisions():
+        for row in config.variants:
+            spec, name = VARIANTS[row], variant_name(row, precision)
+            if spec.processes > 1 and gpus == 1:
+                notes[name] = f"skipped: {spec.placement} puts one tower per GPU and this machine has 1 GPU"
+                continue
+            run.append(name)
+            if not _measurable(spec):
+                notes[name] = (
+                    f"throughput not measured: {spec.placement} needs two GPUs and this machine has {gpus}; "
+                    "memory estimated for cuda:0 and cuda:1 (one real step on CPU stand-ins)"
+                )
+                if config.compile:
+                    notes[name + COMPILED] = f"skipped: {spec.placement} needs two GPUs to be measured at all"
+            elif config.compile:
+                run.append(name + COMPILED)
+                notes[name + COMPILED] = "compiled with torch.compile (inductor, static shapes); memory not measured"
     return run, notes
+
+
+def numerics_for(name: str, config: CompareConfig) -> Numerics:
+    """The arithmetic of a variant: its name's precision, the config's memory format."""
+    return Numerics(precision_of(name), channels_last=config.channels_last)
+
+
+def _memory_takes_numerics() -> bool:
+    """``run_memory`` measures under a precision (its ``numerics`` keyword) in this tree."""
+    return "numerics" in inspect.signature(run_memory).parameters
+
+
+def _memory(spec: VariantSpec, devices, config: CompareConfig, numerics: Numerics) -> MemoryReport | None:
+    """The memory step of a variant; None where ``run_memory`` cannot run it in its
+    numerics (a tree whose memory step predates them)."""
+    kwargs = {"batch_size": config.memory_batch_size, "seed": config.seed, **config.model_kwargs()}
+    if _memory_takes_numerics():
+        kwargs["numerics"] = numerics
+    elif numerics != Numerics():
+        return None
+    return run_memory(spec.model, spec.placement, devices, **kwargs)
 
 
 def _measurable(spec: VariantSpec) -> bool:
@@ -85,27 +122,47 @@ def _ranks_flags(config: CompareConfig) -> list[str]:
     return ["--model", "dual", "--placement", "ranks", *_size_flags(config), "--seed", str(config.seed), *threads]
 
 
+def _memory_cli_flags(numerics: Numerics) -> list[str] | None:
+    """The ``memory`` job's precision flag ([] for fp32; its bytes do not depend on the
+    memory format, which it does not take); None where this tree's memory step takes no
+    numerics (``run_memory``'s keyword, which ``memory --precision`` passes on), so the
+    row's memory is not measured."""
+    if not numerics.mixed:
+        return []
+    return ["--precision", numerics.precision] if _memory_takes_numerics() else None
+
+
+def _numerics_flags(numerics: Numerics) -> list[str]:
+    return ["--precision", numerics.precision, *(["--channels-last"] if numerics.channels_last else [])]
+
+
 def _timing(config: CompareConfig) -> dict:
     return {"warmup": config.warmup, "repeats": config.repeats, "steps": config.steps, "seed": config.seed}
 
 
-def _run_ranks(config: CompareConfig, compiled: bool) -> Variant:
-    """dual/ranks as a 2-process torchrun job (this process is not a torchrun worker)."""
+def _run_ranks(config: CompareConfig, name: str) -> Variant:
+    """dual/ranks (in ``name``'s precision) as a 2-process torchrun job (this process is
+    not a torchrun worker)."""
     notes: list[str] = []
     job = {"threads": config.threads, "timeout_s": config.ranks_timeout_s}
+    numerics, compiled = numerics_for(name, config), name != eager_name(name)
     with tempfile.TemporaryDirectory(prefix="alexnet2gpu-ranks-") as tmp:
         sweep = ["--batch-sizes", ",".join(map(str, config.batch_sizes)), "--mode", "both"]
         timing = ["--repeats", str(config.repeats), "--warmup", str(config.warmup), "--steps", str(config.steps)]
-        bench_argv = ["bench", *_ranks_flags(config), *sweep, *timing, *(["--compile"] if compiled else [])]
-        bench = run_torchrun_job(bench_argv, os.path.join(tmp, "bench.json"), notes, **job)
-        report = None
-        if not compiled:
+        extra = [*_numerics_flags(numerics), *(["--compile"] if compiled else [])]
+        bench = run_torchrun_job(
+            ["bench", *_ranks_flags(config), *sweep, *timing, *extra], os.path.join(tmp, "bench.json"), notes, **job
+        )
+        report, memory_flags = None, _memory_cli_flags(numerics)
+        if not compiled and memory_flags is not None:
             memory_argv = ["memory", *_ranks_flags(config), "--batch-size", str(config.memory_batch_size)]
             report = MemoryReport.from_json(
-                run_torchrun_job(memory_argv, os.path.join(tmp, "memory.json"), notes, **job)
+                run_torchrun_job([*memory_argv, *memory_flags], os.path.join(tmp, "memory.json"), notes, **job)
             )
+        elif not compiled:
+            notes.append(f"memory not measured: `memory` takes no --precision {numerics.precision} here")
     results = [BenchResult(**r) for r in bench["results"]]
-    return _variant("dual/ranks" + (COMPILED if compiled else ""), report, results, "; ".join([_ranks_note(), *notes]))
+    return _variant(name, report, results, "; ".join([_ranks_note(), *notes]))
 
 
 def _ranks_note(nproc: int = 2) -> str:
@@ -122,9 +179,9 @@ def _ranks_note(nproc: int = 2) -> str:
     return f"{nproc} processes launched with torch.distributed.run, one tower each, {where}"
 
 
-def _run_ranks_here(config: CompareConfig, on_repeat: Callable[[], None] | None, compiled: bool) -> Variant:
+def _run_ranks_here(config: CompareConfig, on_repeat: Callable[[], None] | None, name: str) -> Variant:
     """dual/ranks in this torchrun job (every rank calls it): bench and memory collectively."""
-    kwargs = config.model_kwargs()
+    numerics, compiled = numerics_for(name, config), name != eager_name(name)
     results = run_bench(
         "dual",
         "ranks",
@@ -132,21 +189,21 @@ def _run_ranks_here(config: CompareConfig, on_repeat: Callable[[], None] | None,
         batch_sizes=config.batch_sizes,
         on_repeat=on_repeat,
         compiled=compiled,
+        numerics=numerics,
         **_timing(config),
-        **kwargs,
+        **config.model_kwargs(),
     )
     report = None
     if not compiled:
-        report = run_memory("dual", "ranks", None, batch_size=config.memory_batch_size, seed=config.seed, **kwargs)
+        report = _memory(VARIANTS["dual/ranks"], None, config, numerics)
         if on_repeat is not None:
             on_repeat()
     world = results[0].processes if results else 2
-    name = "dual/ranks" + (COMPILED if compiled else "")
     return _variant(name, report, results, f"this torchrun job's {world} processes, one tower each")
 
 
 def _variant(name: str, report: MemoryReport | None, results: list[BenchResult], note: str = "") -> Variant:
-    spec = VARIANTS[eager_name(name)]
+    spec = VARIANTS[base_name(name)]
     return Variant(
         name=name,
         model=spec.model,
@@ -158,20 +215,20 @@ def _variant(name: str, report: MemoryReport | None, results: list[BenchResult],
         comm_bytes_per_step=report.comm_bytes_per_step if report else 0,
         note=note,
         compiled=name != eager_name(name),
+        precision=precision_of(name),
     )
 
 
 def _run_single(name: str, config: CompareConfig, on_repeat: Callable[[], None] | None) -> Variant:
     """A one-process variant: its memory step (eager only), then its throughput where it
     can be measured."""
-    spec, compiled = VARIANTS[eager_name(name)], name != eager_name(name)
+    spec, compiled = VARIANTS[base_name(name)], name != eager_name(name)
     devices = _devices_for(spec)
     kwargs = config.model_kwargs()
+    numerics = numerics_for(name, config)
     report = None
     if not compiled:
-        report = run_memory(
-            spec.model, spec.placement, devices, batch_size=config.memory_batch_size, seed=config.seed, **kwargs
-        )
+        report = _memory(spec, devices, config, numerics)
         if on_repeat is not None:
             on_repeat()
     results = []
@@ -183,10 +240,12 @@ def _run_single(name: str, config: CompareConfig, on_repeat: Callable[[], None] 
             batch_sizes=config.batch_sizes,
             on_repeat=on_repeat,
             compiled=compiled,
+            numerics=numerics,
             **_timing(config),
             **kwargs,
         )
-    return _variant(name, report, results)
+    note = "" if report or compiled else f"memory not measured: this tree's memory step takes no {numerics.precision}"
+    return _variant(name, report, results, note)
 
 
 def units_of_work(config: CompareConfig, names: list[str]) -> dict[str, int]:
@@ -206,13 +265,13 @@ def _run_variants(
     measure the distributed variant)."""
     variants = []
     env = TorchrunEnv.from_environ()
-    distributed = [n for n in names if VARIANTS[eager_name(n)].processes > 1]
+    distributed = [n for n in names if VARIANTS[base_name(n)].processes > 1]
     if env.launched and distributed:
         # Started under torchrun: every rank measures dual/ranks here, then the group is
         # closed and rank 0 alone goes on with the single-process variants.
         try:
             for name in distributed:
-                variants.append(_run_ranks_here(config, _ticker(on_progress, name), name != eager_name(name)))
+                variants.append(_run_ranks_here(config, _ticker(on_progress, name), name))
         finally:
             close_distributed()
         names = [n for n in names if n not in distributed]
@@ -222,8 +281,8 @@ def _run_variants(
     for name in names:
         if on_progress:
             on_progress(0, name)
-        if VARIANTS[eager_name(name)].processes > 1:
-            variant = _run_ranks(config, name != eager_name(name))
+        if VARIANTS[base_name(name)].processes > 1:
+            variant = _run_ranks(config, name)
             if on_progress:
                 on_progress(units[name], name)
         else:
@@ -234,7 +293,8 @@ def _run_variants(
         variants.append(variant)
     params = {v.name: v.params for v in variants}
     for v in variants:
-        v.params = v.params or params.get(eager_name(v.name), 0)  # a compiled row holds its eager twin's
+        # a compiled row holds its eager twin's; a row without memory its float32 twin's
+        v.params = v.params or params.get(eager_name(v.name)) or params.get(base_name(v.name), 0)
     return variants
 
 
@@ -278,7 +338,8 @@ def run_compare(
     finally:
         torch.set_num_threads(previous_threads)
     order = list(VARIANTS)
-    variants.sort(key=lambda v: (order.index(eager_name(v.name)), v.compiled))
+    precisions = config.resolved_precisions()
+    variants.sort(key=lambda v: (order.index(base_name(v.name)), precisions.index(v.precision), v.compiled))
     machine = machine_info()
     machine["load_average_before"] = machine_before["load_average"]
     return CompareReport(
@@ -289,4 +350,5 @@ def run_compare(
         overhead=overhead,
         wall_s=time.perf_counter() - started,
         command=command,
+        numerics={p: Numerics(p, channels_last=config.channels_last).record() for p in config.resolved_precisions()},
     )

@@ -1,6 +1,11 @@
 """What ``compare`` measures and what it returns: the matrix of variants (a net in one
 placement, eager or compiled), its settings, the plain records of the comparison, and the
-ratios read off them (speed-ups over the baselines, the compiled gain of each variant).
+ratios read off them (speed-ups over the baselines, the compiled gain of each variant, the
+gain of each low-precision variant over its float32 twin).
+
+A variant's name is its row of the matrix, then ``+bf16`` or ``+fp16`` where it runs under
+autocast in that precision, then ``+compile`` where it runs compiled:
+``dual/towers+bf16+compile``.
 :mod:`.compare` runs it; :mod:`alexnet2gpu.report.compare` renders it."""
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import ConfigError
+from ..parallel.names import PRECISIONS
 from .accounting import MemoryReport
 from .bench import BenchResult, OverheadResult
 
@@ -22,9 +28,13 @@ __all__ = [
     "CompareReport",
     "Variant",
     "VariantSpec",
+    "base_name",
     "compiled_gains",
     "eager_name",
+    "precision_gains",
+    "precision_of",
     "speedups",
+    "variant_name",
 ]
 
 
@@ -69,6 +79,10 @@ class CompareConfig:
     ranks_timeout_s: float = 420.0  # each torchrun job for dual/ranks (bench, then memory)
     seed: int = 0
     compile: bool = False  # also measure each variant under torch.compile (the "+compile" rows)
+    # the precisions of the rows (fp32 rows keep their names, others get "+bf16"/"+fp16");
+    # None: fp32, and bf16 too where CUDA runs the steps (:meth:`resolved_precisions`)
+    precisions: list[str] | None = None
+    channels_last: bool = False  # every net and batch in channels-last memory format
 
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v not in VARIANTS]  # "+compile" rows come from `compile`
@@ -82,6 +96,15 @@ class CompareConfig:
             )
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be at least 1, got {self.threads}")
+        bad = [p for p in self.precisions or [] if p not in PRECISIONS]
+        if bad or self.precisions == []:
+            raise ConfigError(f"unknown precision '{bad[0] if bad else ''}': choose from {', '.join(PRECISIONS)}")
+
+    def resolved_precisions(self) -> list[str]:
+        """``precisions``, or by default fp32 and, where a CUDA device runs the steps, bf16."""
+        if self.precisions is not None:
+            return list(dict.fromkeys(self.precisions))
+        return ["fp32", "bf16"] if torch.cuda.is_available() else ["fp32"]
 
     @classmethod
     def quick(cls, **overrides) -> CompareConfig:
@@ -95,8 +118,25 @@ class CompareConfig:
 
 
 def eager_name(name: str) -> str:
-    """``dual/towers+compile`` -> ``dual/towers``: the row of the matrix a variant comes from."""
+    """``dual/towers+bf16+compile`` -> ``dual/towers+bf16``: the eager twin of a variant."""
     return name.removesuffix(COMPILED)
+
+
+def precision_of(name: str) -> str:
+    """``dual/towers+bf16+compile`` -> ``bf16``; fp32 where the name says none."""
+    return next((p for p in PRECISIONS[1:] if eager_name(name).endswith("+" + p)), "fp32")
+
+
+def base_name(name: str) -> str:
+    """``dual/towers+bf16+compile`` -> ``dual/towers``: the row of the matrix (a key of ``VARIANTS``)."""
+    eager = eager_name(name)
+    precision = precision_of(name)
+    return eager if precision == "fp32" else eager.removesuffix("+" + precision)
+
+
+def variant_name(base: str, precision: str = "fp32", compiled: bool = False) -> str:
+    """The inverse of :func:`base_name`, :func:`precision_of` and compiled-or-not."""
+    return base + ("" if precision == "fp32" else "+" + precision) + (COMPILED if compiled else "")
 
 
 @dataclass
@@ -113,6 +153,7 @@ class Variant:
     comm_bytes_per_step: int  # at the memory batch, forward + backward
     note: str = ""  # e.g. why throughput is missing
     compiled: bool = False  # measured under torch.compile (its memory is not measured)
+    precision: str = "fp32"  # fp32, or autocast to bf16/fp16 (the name says so too)
 
     def to_json(self) -> dict:
         return {
@@ -126,6 +167,7 @@ class Variant:
             "results": [r.to_json() for r in self.results],
             "note": self.note,
             "compiled": self.compiled,
+            "precision": self.precision,
         }
 
 
@@ -139,13 +181,16 @@ class CompareReport:
     wall_s: float
     command: str
     torch: str = torch.__version__
+    numerics: dict = field(default_factory=dict)  # precision -> Numerics.record() of its rows
 
     def to_json(self) -> dict:
         return {
             "variants": [v.to_json() for v in self.variants],
+            "numerics": self.numerics,
             "skipped": self.skipped,
             "speedups": speedups(self.variants),
             "compiled_gains": compiled_gains(self.variants),
+            "precision_gains": precision_gains(self.variants),
             "overhead": self.overhead.to_json() if self.overhead else None,
             "config": self.config,
             "torch": self.torch,
@@ -156,15 +201,34 @@ class CompareReport:
 
 
 def speedups(variants: list[Variant]) -> list[dict]:
-    """images/s of each variant over each baseline's, per mode and batch size (same
-    machine, same run): ``{"name", "mode", "batch_size", "vs", "speedup"}``."""
+    """images/s of each variant over each baseline's in the same precision (eager), per
+    mode and batch size (same machine, same run): ``{"name", "mode", "batch_size", "vs",
+    "speedup"}``, ``vs`` the baseline's row name (``dual/towers`` for every precision)."""
     rates = {(v.name, r.mode, r.batch_size): r.images_per_s for v in variants for r in v.results}
     rows = []
     for (name, mode, batch), rate in rates.items():
         for base in BASELINES:
-            ref = rates.get((base, mode, batch))
+            ref = rates.get((variant_name(base, precision_of(name)), mode, batch))
             if ref:
                 rows.append({"name": name, "mode": mode, "batch_size": batch, "vs": base, "speedup": rate / ref})
+    return rows
+
+
+def precision_gains(variants: list[Variant]) -> list[dict]:
+    """A low-precision variant's images/s over its float32 twin's (same compilation), per
+    mode and batch size (same run): ``{"name", "precision", "mode", "batch_size", "fp32",
+    "rate", "gain"}``, ``name`` the float32 twin's."""
+    rates = {(v.name, r.mode, r.batch_size): r.images_per_s for v in variants for r in v.results}
+    rows = []
+    for v in variants:
+        if v.precision == "fp32":
+            continue
+        twin = variant_name(base_name(v.name), "fp32", v.compiled)
+        for r in v.results:
+            fp32 = rates.get((twin, r.mode, r.batch_size))
+            if fp32:
+                row = {"name": twin, "precision": v.precision, "mode": r.mode, "batch_size": r.batch_size}
+                rows.append({**row, "fp32": fp32, "rate": r.images_per_s, "gain": r.images_per_s / fp32})
     return rows
 
 

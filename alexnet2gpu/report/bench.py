@@ -11,18 +11,21 @@ from rich.table import Table
 from ..measure.bench import BenchResult, OverheadResult
 from . import console
 
-__all__ = ["ProgressBar", "progress_bar", "render_bench", "render_overhead"]
+__all__ = ["ProgressBar", "numerics_words", "progress_bar", "render_bench", "render_overhead"]
 
 
 def render_bench(results: list[BenchResult], machine: dict | None = None) -> None:
     first = results[0] if results else None
     where = f"{first.device}, {first.threads} thread(s) per process" if first else ""
+    arithmetic = numerics_words(results)
+    where += f", {arithmetic}" if arithmetic else ""
+    per_row = len({_arithmetic(r) for r in results}) > 1  # a column only where rows differ by it
     table = Table(
         title=f"throughput, measured ({where}, torch {torch.__version__}); median of "
         f"{len(first.repeats_images_per_s) if first else 0} repeats, ± half their range",
         title_justify="left",
     )
-    for col in ("model", "placement", "mode", "batch"):
+    for col in ("model", "placement", *(["numerics"] if per_row else []), "mode", "batch"):
         table.add_column(col, justify="right" if col == "batch" else "left")
     table.add_column("images/s", justify="right")
     table.add_column("± spread", justify="right")
@@ -32,6 +35,7 @@ def render_bench(results: list[BenchResult], machine: dict | None = None) -> Non
         table.add_row(
             r.model,
             r.placement,
+            *([_arithmetic(r)] if per_row else []),
             r.mode,
             str(r.batch_size),
             f"{r.images_per_s:,.1f}",
@@ -53,6 +57,28 @@ def render_bench(results: list[BenchResult], machine: dict | None = None) -> Non
             f"GPUs: {', '.join(machine.get('gpus') or []) or 'none'}, "
             f"load average {machine.get('load_average')}"
         )
+
+
+def _arithmetic(r: BenchResult) -> str:
+    """``bf16``, ``fp32 channels_last``, ...: the precision and memory format of a record."""
+    numerics = r.numerics or {}
+    fmt = numerics.get("memory_format", "contiguous")
+    return " ".join([numerics.get("precision", "fp32"), *([fmt] if fmt != "contiguous" else [])])
+
+
+def numerics_words(results: list[BenchResult]) -> str:
+    """The settings all ``results`` share, in words (empty where they differ or none are
+    recorded): precision (autocast for bf16/fp16), memory format, cudnn.benchmark, TF32."""
+    kinds = {_arithmetic(r) for r in results}
+    records = [r.numerics for r in results if r.numerics]
+    if len(kinds) != 1 or not records:
+        return ""
+    first = records[0]
+    words = [next(iter(kinds)) + (" autocast" if first.get("precision", "fp32") != "fp32" else "")]
+    if any(r.device.startswith("cuda") for r in results):
+        words.append(f"cudnn.benchmark {'on' if first.get('cudnn_benchmark') else 'off'}")
+        words.append(f"TF32 matmul {'on' if first.get('tf32_matmul') else 'off'}")
+    return ", ".join(words)
 
 
 def render_overhead(result: OverheadResult) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.table import Table
 
 from ..io.atomic import write_all_atomic
-from ..measure.matrix import BASELINES, CompareReport, compiled_gains, eager_name, speedups
+from ..measure.matrix import BASELINES, CompareReport, compiled_gains, eager_name, precision_gains, speedups
 from . import console, fmt_int, fmt_mib
 
 __all__ = ["FILES", "compare_markdown", "render_compare", "write_compare"]
@@ -162,6 +162,9 @@ def _speedup_section(report: CompareReport) -> _Section:
         ["variant", "mode", "batch", *(f"vs {b}" for b in BASELINES)],
         [[name, mode, str(batch), *cells] for name, mode, batch, cells in _speedup_rows(report)],
         right_from=2,
+        intro="A VARIANT+bf16 (or +fp16) row is compared with the baselines in the same precision."
+        if any(v.precision != "fp32" for v in report.variants)
+        else "",
     )
 
 
@@ -200,6 +203,34 @@ def _compiled_sections(report: CompareReport) -> list[_Section]:
     ]
 
 
+def _precision_section(report: CompareReport) -> list[_Section]:
+    """Each low-precision variant's images/s over its float32 twin's, where both ran."""
+    gains = precision_gains(report.variants)
+    if not gains:
+        return []
+    sizes = _batch_sizes(report)
+    table = {(g["name"], g["precision"], g["mode"], g["batch_size"]): g["gain"] for g in gains}
+    keys = list(dict.fromkeys((g["name"], g["precision"], g["mode"]) for g in gains))
+    keys.sort(key=lambda k: k[2] != "train")
+    rows = [
+        [
+            name,
+            precision,
+            mode,
+            *[f"{table[name, precision, mode, b]:.2f}x" if (name, precision, mode, b) in table else "" for b in sizes],
+        ]
+        for name, precision, mode in keys
+    ]
+    return [
+        _Section(
+            "Mixed-precision gain (autocast images/s over float32 images/s, same run)",
+            ["variant", "precision", "mode", *(f"batch {b}" for b in sizes)],
+            rows,
+            right_from=3,
+        )
+    ]
+
+
 def _sections(report: CompareReport) -> list[_Section]:
     return [
         _memory_section(report),
@@ -208,6 +239,7 @@ def _sections(report: CompareReport) -> list[_Section]:
         _comm_section(report),
         _speedup_section(report),
         *_compiled_sections(report),
+        *_precision_section(report),
     ]
 
 
@@ -228,7 +260,7 @@ def render_compare(report: CompareReport) -> None:
     for section in _sections(report):
         if section.terminal:
             out.print(_rich_table(section))
-    for line in _compiled_line(report) + _notes(report):
+    for line in _numerics_line(report) + _compiled_line(report) + _notes(report):
         out.print(line.removeprefix("- "))
 
 
@@ -266,6 +298,30 @@ def _rss_line(report: CompareReport) -> list[str]:
     ]
 
 
+def _numerics_line(report: CompareReport) -> list[str]:
+    """The arithmetic of the rows: precisions (rows beyond fp32 are named VARIANT+bf16),
+    memory format, and the cudnn.benchmark and TF32 switches as the first record has them."""
+    records = [r.numerics for v in report.variants for r in v.results if r.numerics]
+    precisions = list(dict.fromkeys(v.precision for v in report.variants))
+    words = [
+        f"precision {', '.join(precisions)}"
+        + (
+            " (rows beyond fp32 under torch.autocast, named VARIANT+PRECISION)"
+            if len(precisions) > 1 or precisions[:1] != ["fp32"]
+            else ""
+        )
+    ]
+    if records:
+        first = records[0]
+        words += [
+            f"memory format {first.get('memory_format', 'contiguous')}",
+            f"cudnn.benchmark {'on' if first.get('cudnn_benchmark') else 'off'}",
+            f"TF32 matmul {'on' if first.get('tf32_matmul') else 'off'}, "
+            f"cuDNN {'on' if first.get('tf32_cudnn') else 'off'}",
+        ]
+    return [f"- numerics: {'; '.join(words)}"]
+
+
 def _compiled_line(report: CompareReport) -> list[str]:
     names = [v.name for v in report.variants if v.compiled]
     if not names:
@@ -291,6 +347,7 @@ def compare_markdown(report: CompareReport) -> str:
         "in their `source` column whether they are **measured** (CUDA allocator) or **estimated** "
         "(accounted from the tensors of a real step, per intended device); in the memory plot estimated bars are "
         "hatched.",
+        *_numerics_line(report),
         *_rss_line(report),
         *_compiled_line(report),
         "",

@@ -205,7 +205,7 @@ def error_bar_note(with_bars: set[int], without_bars: set[int]) -> str:
 
 def _draw_mode(ax, report: CompareReport, mode: str, sizes: list[int]) -> dict:
     """One panel: a line per variant measured in ``mode``; returns what was drawn."""
-    drawn = {"devices": set(), "with_bars": set(), "without_bars": set(), "dashed": False}
+    drawn = {"devices": set(), "with_bars": set(), "without_bars": set(), "dashed": False, "low": False}
     for v in report.variants:
         rows = sorted((r for r in v.results if r.mode == mode), key=lambda r: r.batch_size)
         if not rows:
@@ -215,11 +215,13 @@ def _draw_mode(ax, report: CompareReport, mode: str, sizes: list[int]) -> dict:
         bars = min(counts) >= 2
         drawn["with_bars" if bars else "without_bars"].add(min(counts))
         drawn["dashed"] |= bool(v.compiled)
+        low = getattr(v, "precision", "fp32") != "fp32"
+        drawn["low"] |= low
         ax.errorbar(
             [r.batch_size for r in rows],
             [r.images_per_s for r in rows],
             yerr=[r.spread for r in rows] if bars else None,
-            marker="o",
+            marker="s" if low else "o",
             capsize=3,
             linestyle="--" if v.compiled else "-",
             label=f"{v.name} ({rows[0].device})",
@@ -253,6 +255,8 @@ def plot_throughput(report: CompareReport, path: str | os.PathLike) -> None:
     notes = [error_bar_note(with_bars, without_bars)]
     if any(p["dashed"] for p in panels):
         notes.append("dashed: torch.compile")
+    if any(p["low"] for p in panels):
+        notes.append("squares: autocast to bf16/fp16 (VARIANT+bf16), circles: fp32")
     threads = report.config.get("threads")
     fig.suptitle(
         f"Throughput, measured on {', '.join(sorted(devices)) or 'nothing'}"
