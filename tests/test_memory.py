@@ -12,8 +12,9 @@ import torch
 from alexnet2gpu import ConfigError, build_model, place
 from alexnet2gpu.cli import main
 from alexnet2gpu.measure import memory as memory_mod
-from alexnet2gpu.measure.estimate import estimate_memory
+from alexnet2gpu.measure.estimate import estimate_memory, plan_memory
 from alexnet2gpu.measure.memory import run_memory
+from alexnet2gpu.parallel import Numerics
 
 from .dist_launch import run_torchrun
 from .tiny import TINY, TINY_ARGS, tiny
@@ -242,3 +243,90 @@ def test_split_without_gpus_is_estimated_for_cuda0_and_cuda1(monkeypatch, capsys
     assert main(["memory", "--placement", "split", *TINY_ARGS, "--batch-size", "2"]) == 0
     printed = capsys.readouterr().out
     assert "cuda:0" in printed and "cuda:1" in printed and "estimated" in printed
+
+
+# --- precision (issue 16): what autocast keeps -------------------------------------------
+
+
+@pytest.mark.parametrize("placement,devices", [("towers", "cpu"), ("split", "cpu,cpu"), ("grouped", "cpu")])
+def test_bf16_activations_by_dtype_sum_to_the_total_and_are_mostly_bfloat16(placement, devices):
+    fp32 = run_memory("dual", placement, devices, batch_size=4, **TINY)
+    bf16 = run_memory("dual", placement, devices, batch_size=4, numerics=Numerics("bf16"), **TINY)
+    assert bf16.precision == "bf16" and bf16.to_json()["numerics"]["precision"] == "bf16"
+    assert fp32.precision == "fp32" and fp32.to_json()["numerics"]["precision"] == "fp32"
+    for f, b in zip(fp32.devices, bf16.devices):
+        for d in (f, b):
+            assert sum(d.activations_by_dtype.values()) == d.activations_bytes > 0
+            assert d.peak_bytes == (
+                d.params_bytes + d.grads_bytes + d.optimizer_bytes + d.activations_bytes
+                + d.weight_casts_bytes + d.input_bytes
+            )  # fmt: skip
+        # weights, gradients and momentum stay float32 under autocast
+        assert b.params_bytes == b.grads_bytes == b.optimizer_bytes == 4 * b.params == f.params_bytes
+        assert "bfloat16" not in f.activations_by_dtype
+        assert b.activations_by_dtype["bfloat16"] >= 0.8 * b.activations_bytes
+        # max-pool indices are int64 whatever the precision
+        assert b.activations_by_dtype["int64"] == f.activations_by_dtype["int64"] > 0
+        assert b.activations_bytes < 0.6 * f.activations_bytes
+    # every weight (not the biases: the backward needs no bias) cast once, 2 bytes a value
+    weights = sum(p.numel() for name, p in build_model("dual", **TINY).named_parameters() if name.endswith("weight"))
+    assert sum(d.weight_casts_bytes for d in bf16.devices) == 2 * weights
+    joined = placement == "grouped"  # grouped joins the towers' conv weights every step, in fp32 too
+    assert (sum(d.weight_casts_bytes for d in fp32.devices) > 0) == joined
+
+
+def test_weight_casts_do_not_grow_with_the_batch():
+    b2, b4 = (
+        run_memory("dual", "towers", "cpu", batch_size=b, numerics=Numerics("fp16"), **TINY).devices[0] for b in (2, 4)
+    )
+    assert b2.weight_casts_bytes == b4.weight_casts_bytes > 0
+    assert b4.activations_by_dtype["float16"] > b2.activations_by_dtype["float16"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("placement,devices", [("towers", "cpu"), ("split", "cpu,cpu"), ("grouped", "cpu")])
+def test_a_planned_step_under_fake_tensors_accounts_what_the_real_step_does(placement, devices, precision):
+    placed = place(build_model("dual", **TINY), placement, devices)
+    real = estimate_memory(placed, "dual", 4, numerics=Numerics(precision), width=TINY["width"])
+    planned = plan_memory("dual", placed.layout, 4, numerics=Numerics(precision), **TINY)
+    for r, p in zip(real.devices, planned.devices, strict=True):
+        assert r.to_json() == p.to_json()
+    assert "FakeTensorMode" in planned.note
+
+
+def test_memory_command_reports_the_precision(tmp_path, capsys):
+    out = tmp_path / "memory.json"
+    argv = ["memory", "--placement", "towers", "--devices", "cpu", *TINY_ARGS, "--batch-size", "2"]
+    assert main([*argv, "--precision", "bf16", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "bf16" in printed and "weight casts" in printed and "bfloat16" in printed
+    data = json.loads(out.read_text())
+    assert data["numerics"]["precision"] == "bf16"
+    assert data["devices"][0]["weight_casts_bytes"] > 0 and "bfloat16" in data["devices"][0]["activations_by_dtype"]
+
+
+def test_check_estimate_without_cuda_is_refused_in_one_line(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["memory", *TINY_ARGS, "--precision", "bf16", "--check-estimate"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "CUDA" in err
+
+
+@pytest.mark.full_size
+def test_bf16_saved_activations_of_dual_towers_at_batch_64_are_at_most_055_of_fp32():
+    """Issue 16's target, at 227 px, batch 64 (planned under FakeTensorMode: the same
+    accounting as a real step, tested above; about 0.5 s)."""
+    layout = place(build_model("dual", width=TINY["width"]), "towers", "cpu").layout
+    fp32, bf16 = (plan_memory("dual", layout, 64, numerics=Numerics(p)).devices[0] for p in ("fp32", "bf16"))
+    assert bf16.activations_bytes / fp32.activations_bytes <= 0.55
+    assert bf16.activations_by_dtype["bfloat16"] > bf16.activations_by_dtype["int64"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_measured_mixed_precision_memory_on_cuda_splits_activations_by_dtype(precision):
+    d = run_memory("dual", "towers", "cuda:0", batch_size=8, numerics=Numerics(precision), **TINY).devices[0]
+    assert d.source == "measured" and d.weight_casts_bytes > 0
+    assert d.params_bytes == d.optimizer_bytes == 4 * d.params
+    assert max(d.activations_by_dtype, key=d.activations_by_dtype.get) in ("bfloat16", "float16")

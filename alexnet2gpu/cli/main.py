@@ -18,7 +18,7 @@ import sys
 
 from .. import __version__
 from ..errors import EXIT_USAGE, Alexnet2gpuError
-from . import bench, compare, evaluate, launch, memory, summary, train, verify
+from . import bench, compare, evaluate, fit, launch, memory, summary, train, verify
 
 __all__ = ["build_parser", "main"]
 
@@ -28,6 +28,7 @@ COMMANDS = {
     "verify": (verify, "check that every placement here computes the same function"),
     "bench": (bench, "throughput in images/s, training and inference, over batch sizes"),
     "memory": (memory, "memory per device for one training step, and bytes exchanged"),
+    "fit": (fit, "the largest training batch that fits each card, per model, placement and precision"),
     "compare": (compare, "the main job: every net and placement side by side, tables, JSON, Markdown, plots"),
     "train": (train, "train on Fashion-MNIST, an image folder or synthetic data, in any placement, with checkpoints"),
     "evaluate": (evaluate, "top-1/top-5, per-class accuracy and a confusion matrix of a checkpoint, in any placement"),

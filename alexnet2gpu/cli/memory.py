@@ -3,13 +3,17 @@ momentum), activations and peak, and the bytes exchanged between devices. Measur
 the CUDA allocator's statistics on GPUs; without CUDA, accounted per intended device from
 the real tensors of a real step and labelled estimated (so --placement split --devices
 cpu,cpu estimates what each of two GPUs would hold). Under torchrun with --placement ranks
-each process reports its tower, on the CPU with its peak RSS (measured)."""
+each process reports its tower, on the CPU with its peak RSS (measured). --precision bf16 or
+fp16 runs the forward under autocast: weights, gradients and momentum stay float32, the saved
+activations are counted by dtype from the real saved tensors, and autocast's low-precision
+copies of the weights are shown apart (weight casts)."""
 
 from __future__ import annotations
 
 import argparse
 
 from ..errors import Alexnet2gpuError, ConfigError
+from ..parallel.names import PRECISIONS
 from .arguments import add_model_arguments, add_placement_arguments, model_kwargs
 
 
@@ -25,6 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="measured (CUDA allocator), estimated (from tensors, any device), or auto: measured "
         "where every device is a GPU (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="arithmetic of the step: fp32 (the paper's), or autocast to bf16/fp16 with float32 weights "
+        "(default: %(default)s)",
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the weights and the batch (default: %(default)s)")
@@ -45,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..measure.memory import check_estimator, run_memory
-    from ..parallel import TorchrunEnv, close_distributed
+    from ..parallel import Numerics, TorchrunEnv, close_distributed
 
     if args.threads is not None:
         if args.threads < 1:
@@ -53,17 +64,25 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     env = TorchrunEnv.from_environ()
     kwargs = model_kwargs(args)
+    numerics = Numerics(args.precision)
     if args.check_estimate:
         if not torch.cuda.is_available():
             raise ConfigError("--check-estimate measures on CUDA and this machine has no CUDA device")
         check = check_estimator(
-            args.model, args.placement, args.devices, batch_size=args.batch_size, seed=args.seed, **kwargs
+            args.model,
+            args.placement,
+            args.devices,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            numerics=numerics,
+            **kwargs,
         )
         from ..report import console, write_json
 
         for row in check.devices:
             console().print(
-                f"{row['device']}: peak estimated {row['estimated_peak_bytes'] / 2**20:,.1f} MiB, measured "
+                f"{row['device']} ({args.precision}): peak estimated "
+                f"{row['estimated_peak_bytes'] / 2**20:,.1f} MiB, measured "
                 f"{row['measured_peak_bytes'] / 2**20:,.1f} MiB ({100 * row['peak_rel_err']:+.1f} %); activations "
                 f"estimated {row['estimated_activations_bytes'] / 2**20:,.1f}, measured "
                 f"{row['measured_activations_bytes'] / 2**20:,.1f} MiB ({100 * row['activations_rel_err']:+.1f} %)"
@@ -80,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
             source=args.source,
             seed=args.seed,
             snapshot=args.snapshot,
+            numerics=numerics,
             **kwargs,
         )
     finally:

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from ..parallel import FP32, Numerics
+
 __all__ = [
     "CATEGORIES",
     "DeviceMemory",
@@ -25,7 +27,9 @@ __all__ = [
     "slot_labels",
 ]
 
-CATEGORIES = ("params", "grads", "optimizer", "activations")  # the parts of a device's memory
+# the parts of a device's memory; weight casts: autocast's low-precision copies of the
+# float32 weights, saved for the backward (none in fp32)
+CATEGORIES = ("params", "grads", "optimizer", "activations", "weight_casts")
 
 
 @dataclass
@@ -43,6 +47,8 @@ class DeviceMemory:
     input_bytes: int = 0  # the synthetic batch held on this device
     parts: list[str] = field(default_factory=list)  # which parts of the net live here
     rss_peak_bytes: int | None = None  # ranks on the CPU: this process's peak RSS (measured)
+    weight_casts_bytes: int = 0  # autocast's low-precision copies of the weights, saved for the backward
+    activations_by_dtype: dict[str, int] = field(default_factory=dict)  # saved tensors' bytes by dtype
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -59,6 +65,11 @@ class MemoryReport:
     width: float = 1.0
     torch: str = torch.__version__
     note: str = ""
+    numerics: dict = field(default_factory=lambda: {"precision": "fp32"})  # Numerics.record()
+
+    @property
+    def precision(self) -> str:
+        return self.numerics.get("precision", "fp32")
 
     def to_json(self) -> dict:
         return {
@@ -71,11 +82,13 @@ class MemoryReport:
             "width": self.width,
             "torch": self.torch,
             "note": self.note,
+            "numerics": self.numerics,
         }
 
     @classmethod
     def from_json(cls, data: dict) -> MemoryReport:
         keys = ("model", "placement", "batch_size", "comm_bytes_per_step", "image_size", "width", "torch", "note")
+        keys += ("numerics",)
         return cls(devices=[DeviceMemory(**d) for d in data["devices"]], **{k: data[k] for k in keys if k in data})
 
     @property
@@ -189,15 +202,23 @@ def build_report(
     input_bytes: list[int],
     rss_peak_bytes: int | None = None,
     note: str,
+    activations_by_dtype: list[dict[str, int]] | None = None,
+    weight_casts: list[int] | None = None,
+    numerics: Numerics = FP32,
 ) -> MemoryReport:
     """The report for the step just run: state bytes and parameters by owner slot beside
-    the ``activations`` and ``peaks`` that the estimator or the allocator gave (``peaks``
-    None: the estimate's sum, params + grads + optimizer + activations + input); then the
-    step's gradients are dropped."""
+    the ``activations`` (by dtype where known), ``weight_casts`` and ``peaks`` that the
+    estimator or the allocator gave (``peaks`` None: the estimate's sum, params + grads +
+    optimizer + activations + weight casts + input); then the step's gradients are dropped."""
     slots = len(labels)
     counts, p_bytes, g_bytes, o_bytes = _state_bytes(placed, optimizer, slots)
+    weight_casts = weight_casts or [0] * slots
+    by_dtype = activations_by_dtype or [{} for _ in range(slots)]
     if peaks is None:
-        peaks = [p_bytes[s] + g_bytes[s] + o_bytes[s] + activations[s] + input_bytes[s] for s in range(slots)]
+        peaks = [
+            p_bytes[s] + g_bytes[s] + o_bytes[s] + activations[s] + weight_casts[s] + input_bytes[s]
+            for s in range(slots)
+        ]
     parts_of = [[n for n, _m, s in parts(placed) if s == slot] for slot in range(slots)]
     records = [
         DeviceMemory(
@@ -212,6 +233,8 @@ def build_report(
             input_bytes=input_bytes[s],
             parts=parts_of[s],
             rss_peak_bytes=rss_peak_bytes,
+            weight_casts_bytes=weight_casts[s],
+            activations_by_dtype=dict(sorted(by_dtype[s].items())),
         )
         for s in range(slots)
     ]
@@ -226,4 +249,5 @@ def build_report(
         image_size=placed.image_size,
         width=width,
         note=note,
+        numerics=numerics.record(),
     )

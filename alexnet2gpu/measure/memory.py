@@ -8,8 +8,10 @@ Two sources, always labelled (DESIGN.md section 4):
     one warm-up step (so the momentum buffers exist and cuDNN has chosen its kernels), then
     on every device in use ``reset_peak_memory_stats``; activations are what
     ``memory_allocated`` grows by during the forward pass (what autograd keeps for the
-    backward), the peak is ``max_memory_allocated`` over forward, backward and optimizer
-    step. Parameters, gradients and optimizer state are the sizes of those tensors.
+    backward) less the weight casts, the peak is ``max_memory_allocated`` over forward,
+    backward and optimizer step. Parameters, gradients and optimizer state are the sizes of
+    those tensors; the split of the activations by dtype and the weight casts (autocast's
+    low-precision copies of the weights) come from the saved tensors, as in the estimate.
 
 ``estimated`` (no CUDA, or devices this machine lacks)
     accounted per intended device from the real tensors of a real step (:mod:`.estimate`).
@@ -26,16 +28,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
 from ..models import build_model, is_two_tower
-from ..parallel import Layout, forward_loss, place, resolve_layout
+from ..parallel import FP32, Layout, Numerics, devices_of, forward_loss, place, resolve_layout
 from .accounting import MemoryReport, build_report, nbytes, reset_exchange_counter, slot_labels
-from .estimate import estimate_memory
+from .estimate import SavedTensorAccountant, estimate_memory
 from .oom import out_of_memory_error
 from .timing import synchronize
 from .workload import make_batch, make_optimizer, train_step
@@ -53,10 +55,11 @@ def measure_memory(
     seed: int = 0,
     width: float = 1.0,
     snapshot: str | None = None,
+    numerics: Numerics = FP32,
 ) -> MemoryReport:
     """Measures one training step on CUDA with the caching allocator's statistics, on
-    every device in use. ``snapshot``: also write a memory-history pickle for
-    pytorch.org/memory_viz (of the measured step)."""
+    every device in use, the forward under ``numerics``' autocast. ``snapshot``: also write
+    a memory-history pickle for pytorch.org/memory_viz (of the measured step)."""
     layout = placed.layout
     devices = list(layout.devices)
     if any(d.type != "cuda" for d in devices):
@@ -74,7 +77,7 @@ def measure_memory(
     x, y = make_batch(placed, batch_size, seed=seed)
     optimizer = make_optimizer(placed)
     placed.train()
-    train_step(placed, optimizer, x, y)  # warm-up: momentum buffers, cuDNN choices
+    train_step(placed, optimizer, x, y, numerics)  # warm-up: momentum buffers, cuDNN choices
     optimizer.zero_grad(set_to_none=True)
     reset_exchange_counter(placed)
     snapshot = snapshot if layout.is_rank0 else None  # one file: rank 0's tower (fc8 and the loss)
@@ -85,7 +88,8 @@ def measure_memory(
     for d in slot_devices:
         torch.cuda.reset_peak_memory_stats(d)
         before.append(torch.cuda.memory_allocated(d))
-    loss = forward_loss(placed, x, y)
+    with SavedTensorAccountant(placed, len(labels), skip=[x]) as saved, numerics.autocast(devices_of(placed)):
+        loss = forward_loss(placed, x, y)
     synchronize(slot_devices)
     after_forward = [torch.cuda.memory_allocated(d) for d in slot_devices]
     loss.backward()
@@ -104,12 +108,16 @@ def measure_memory(
         optimizer,
         labels,
         "measured",
-        activations=[max(0, a - b) for a, b in zip(after_forward, before)],
+        activations=[max(0, a - b - c) for a, b, c in zip(after_forward, before, saved.weight_casts)],
+        activations_by_dtype=saved.by_dtype,
+        weight_casts=saved.weight_casts,
+        numerics=numerics,
         peaks=peaks,
         input_bytes=[nbytes(x) if d == x.device else 0 for d in slot_devices],
         note=(
-            "measured: torch.cuda max_memory_allocated per device over one training step after "
-            "a warm-up step; activations = memory_allocated growth during the forward pass"
+            f"measured in {numerics.precision}: torch.cuda max_memory_allocated per device over one training "
+            "step after a warm-up step; activations = memory_allocated growth during the forward pass "
+            "less the weight casts (by dtype and weight casts: from the saved tensors)"
         ),
     )
 
@@ -148,10 +156,11 @@ def run_memory(
     source: str = "auto",
     seed: int = 0,
     snapshot: str | None = None,
+    numerics: Numerics = FP32,
     **model_kwargs,
 ) -> MemoryReport:
-    """Builds and places ``model_name`` and reports its memory for one training step:
-    measured where every device is a CUDA device (``source='auto'``), else estimated;
+    """Builds and places ``model_name`` and reports its memory for one training step in
+    ``numerics``' precision: measured where every device is a CUDA device (``source='auto'``), else estimated;
     CUDA devices this machine lacks (``split`` without two GPUs) are estimated on CPU
     stand-ins and labelled with the devices they stand for."""
     if source not in SOURCES:
@@ -178,16 +187,27 @@ def run_memory(
     width = model_kwargs.get("width", 1.0)
     try:
         if source == "measured":
-            return measure_memory(placed, model_name, batch_size, seed=seed, width=width, snapshot=snapshot)
+            return measure_memory(
+                placed, model_name, batch_size, seed=seed, width=width, snapshot=snapshot, numerics=numerics
+            )
         if planned:
             labels, planned_for = [str(d) for d in intended.devices], intended.describe()
             return estimate_memory(
-                placed, model_name, batch_size, seed=seed, width=width, labels=labels, planned_for=planned_for
+                placed,
+                model_name,
+                batch_size,
+                seed=seed,
+                width=width,
+                labels=labels,
+                planned_for=planned_for,
+                numerics=numerics,
             )
-        return estimate_memory(placed, model_name, batch_size, seed=seed, width=width)
+        return estimate_memory(placed, model_name, batch_size, seed=seed, width=width, numerics=numerics)
     except torch.OutOfMemoryError as error:
         placed.zero_grad(set_to_none=True)
-        raise out_of_memory_error(error, model_name, placed, batch_size, "train", model_kwargs=model_kwargs) from None
+        raise out_of_memory_error(
+            error, model_name, placed, batch_size, "train", model_kwargs=model_kwargs, numerics=numerics
+        ) from None
 
 
 @dataclass
@@ -199,29 +219,38 @@ class EstimatorCheck:
     placement: str
     batch_size: int
     devices: list[dict]  # device, estimated/measured activations and peak, relative errors
+    numerics: dict = field(default_factory=lambda: {"precision": "fp32"})  # Numerics.record()
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
 def check_estimator(
-    model_name: str, placement: str, devices, *, batch_size: int = 64, seed: int = 0, **model_kwargs
+    model_name: str,
+    placement: str,
+    devices,
+    *,
+    batch_size: int = 64,
+    seed: int = 0,
+    numerics: Numerics = FP32,
+    **model_kwargs,
 ) -> EstimatorCheck:
     """Measures on ``devices`` (CUDA), estimates the same placement on as many CPU
-    stand-ins, and returns both per device with the estimate's relative error."""
-    measured = run_memory(
-        model_name, placement, devices, batch_size=batch_size, source="measured", seed=seed, **model_kwargs
-    )
+    stand-ins (CPU autocast standing in for CUDA's), and returns both per device with the
+    estimate's relative error."""
+    common = {"batch_size": batch_size, "seed": seed, "numerics": numerics, **model_kwargs}
+    measured = run_memory(model_name, placement, devices, source="measured", **common)
     stand_ins = ["cpu"] * len(measured.devices)
-    estimated = run_memory(
-        model_name, measured.placement, stand_ins, batch_size=batch_size, source="estimated", seed=seed, **model_kwargs
-    )
+    estimated = run_memory(model_name, measured.placement, stand_ins, source="estimated", **common)
     rows = []
+    keys = ("params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "weight_casts_bytes", "peak_bytes")
     for est, mea in zip(estimated.devices, measured.devices):
         row = {"device": mea.device, "estimated_device": est.device}
-        for key in ("params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "peak_bytes"):
+        for key in keys:
             e, m = getattr(est, key), getattr(mea, key)
             row[f"estimated_{key}"], row[f"measured_{key}"] = e, m
             row[f"{key.removesuffix('_bytes')}_rel_err"] = (e - m) / m if m else 0.0
         rows.append(row)
-    return EstimatorCheck(model=model_name, placement=placement, batch_size=batch_size, devices=rows)
+    return EstimatorCheck(
+        model=model_name, placement=placement, batch_size=batch_size, devices=rows, numerics=numerics.record()
+    )

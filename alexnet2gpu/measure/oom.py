@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import Alexnet2gpuError
+from ..parallel import FP32, Numerics
 from .estimate import largest_batch_that_fits
 
 __all__ = ["out_of_memory_error"]
@@ -55,6 +56,7 @@ def out_of_memory_error(
     mode: str,
     *,
     model_kwargs: dict | None = None,
+    numerics: Numerics = FP32,
 ) -> Alexnet2gpuError:
     """A one-line error for a CUDA out-of-memory: the device, the batch size, and the
     largest batch the memory estimate says would fit (for a training step)."""
@@ -66,7 +68,9 @@ def out_of_memory_error(
             f"out of memory on {device} at batch size {batch_size} ({what}); its capacity is unknown: "
             "try a smaller batch size"
         )
-    fits, fixed, per_image = largest_batch_that_fits(model_name, placed.layout, capacity, slot, **(model_kwargs or {}))
+    fits, fixed, per_image = largest_batch_that_fits(
+        model_name, placed.layout, capacity, slot, numerics=numerics, **(model_kwargs or {})
+    )
     advice = (
         f"use a batch size of at most {fits}"
         if fits >= 1
