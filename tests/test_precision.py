@@ -82,3 +82,29 @@ def test_lrn_under_autocast_on_a_conv_output():
     with Numerics("bf16").autocast("cpu"):
         out = local_response_norm(torch.relu(conv(torch.randn(2, 3, 9, 9))), *LRN_ARGS)
     assert out.dtype == torch.bfloat16
+
+
+def test_lrn_in_low_precision_is_the_same_across_its_chunks():
+    """35 images run as chunks of 16, 16 and 3: the same as each image alone."""
+    from alexnet2gpu.models.layers import LOW_PRECISION_CHUNK
+
+    torch.manual_seed(1)
+    x = (torch.randn(2 * LOW_PRECISION_CHUNK + 3, 8, 4, 4) * 4).to(torch.bfloat16).requires_grad_()
+    dy = torch.randn(x.shape).to(torch.bfloat16)
+    local_response_norm(x, *LRN_ARGS).backward(dy)
+    for i in (0, LOW_PRECISION_CHUNK, x.shape[0] - 1):
+        one = x[i : i + 1].detach().clone().requires_grad_()
+        y = local_response_norm(one, *LRN_ARGS)
+        y.backward(dy[i : i + 1])
+        torch.testing.assert_close(one.grad, x.grad[i : i + 1], rtol=0, atol=0)
+
+
+def test_the_run_summary_names_fp16_overflows_apart_from_faults():
+    from alexnet2gpu.report.training import summary_lines
+    from alexnet2gpu.train.records import TrainResult
+
+    result = TrainResult("towers", "cpu", 10, 1.0, 0.5, 0.8, 0.7, 100.0, 1.0, skipped_steps=1, overflow_steps=3)
+    lines = summary_lines(result)
+    assert "1 step(s) skipped for non-finite values" in lines
+    assert any(line.startswith("3 step(s) skipped by fp16's loss scaler") for line in lines)
+    assert not any("loss scaler" in line for line in summary_lines(TrainResult("towers", "cpu", 1, 1, 0, 0, 0, 1, 1)))

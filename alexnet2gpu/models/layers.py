@@ -74,6 +74,12 @@ def _lrn_scale(x: torch.Tensor, size: int, alpha: float, k: float, groups: int, 
     return _window_sum(grouped, before, after).mul_(alpha / size).add_(k).view_as(x)
 
 
+# bfloat16/float16 input is normalised this many images at a time: its float32 working
+# copies then take memory fixed in the batch size (about 3 x 16 x conv1's float32 output,
+# 56 MiB at 227 px), not three float32 activations per image beside the saved bf16 ones.
+LOW_PRECISION_CHUNK = 16
+
+
 class _LRNFunction(torch.autograd.Function):
     """y = x * scale^-beta, scale = k + alpha/n * sum over the channel window of x^2.
 
@@ -85,47 +91,61 @@ class _LRNFunction(torch.autograd.Function):
 
     bfloat16 or float16 input (under autocast): forward and backward compute in float32 and
     return the input's dtype (x^2 summed over 5 channels overflows float16 past 114 and
-    ``scale^-0.75`` loses digits in either); only ``x``, in its own dtype, is saved, and the
-    backward recomputes ``scale`` from it, so the float32 ``scale`` is never kept."""
+    ``scale^-0.75`` loses digits in either), :data:`LOW_PRECISION_CHUNK` images at a time;
+    only ``x``, in its own dtype, is saved, and the backward recomputes ``scale`` from it,
+    so no float32 tensor is kept."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, size: int, alpha: float, beta: float, k: float, groups: int):
-        low = x.dtype in _LOW_PRECISION
-        xf = x.float() if low else x
-        squares = torch.empty_like(xf)
-        scale = _lrn_scale(xf, size, alpha, k, groups, out=squares)
-        if low:
-            ctx.save_for_backward(x)
-        else:
-            ctx.save_for_backward(x, scale)
         ctx.size, ctx.alpha, ctx.beta, ctx.k, ctx.groups = size, alpha, beta, k, groups
-        # The squares' buffer becomes the output: every activation-sized tensor allocated
-        # here costs page faults on the CPU, so the forward makes two, not four.
-        y = _pow_neg(scale, beta, out=squares).mul_(xf)
-        return y.to(x.dtype) if low else y
+        if x.dtype in _LOW_PRECISION:
+            ctx.save_for_backward(x)
+            y = torch.empty_like(x)
+            for xs, ys in zip(x.split(LOW_PRECISION_CHUNK), y.split(LOW_PRECISION_CHUNK)):
+                ys.copy_(_lrn_forward(xs.float(), size, alpha, beta, k, groups)[0])
+            return y
+        y, scale = _lrn_forward(x, size, alpha, beta, k, groups)
+        ctx.save_for_backward(x, scale)
+        return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        size, alpha, beta, groups = ctx.size, ctx.alpha, ctx.beta, ctx.groups
-        if len(ctx.saved_tensors) == 1:  # low precision: recompute scale in float32
-            (x_saved,) = ctx.saved_tensors
-            x = x_saved.float()
-            scale = _lrn_scale(x, size, alpha, ctx.k, groups, out=torch.empty_like(x))
-            dy = dy.float()
-        else:
-            x_saved = None
+        size, alpha, beta, k, groups = ctx.size, ctx.alpha, ctx.beta, ctx.k, ctx.groups
+        if len(ctx.saved_tensors) == 2:
             x, scale = ctx.saved_tensors
-        scale_pow = _pow_neg(scale, beta)
-        # dy * y / scale = dy * x * scale^(-beta - 1)
-        ratio = (dy * x).mul_(scale_pow).div_(scale)
-        n, c = x.shape[0], x.shape[1]
-        before, after = size // 2, (size - 1) // 2
-        summed = _window_sum(ratio.view(n, groups, c // groups, *x.shape[2:]), after, before)  # transposed window
-        dx = scale_pow.mul_(dy)  # in place: three activation-sized allocations in all, not six
-        dx = dx.addcmul_(summed.view_as(x), x, value=-2.0 * alpha * beta / size)
-        if x_saved is not None:
-            dx = dx.to(x_saved.dtype)
+            return _lrn_backward(x, scale, dy, size, alpha, beta, groups), None, None, None, None, None
+        (x,) = ctx.saved_tensors  # low precision: scale recomputed in float32, a chunk at a time
+        dx = torch.empty_like(x)
+        for xs, dys, dxs in zip(
+            x.split(LOW_PRECISION_CHUNK), dy.split(LOW_PRECISION_CHUNK), dx.split(LOW_PRECISION_CHUNK)
+        ):
+            xf = xs.float()
+            scale = _lrn_scale(xf, size, alpha, k, groups, out=torch.empty_like(xf))
+            dxs.copy_(_lrn_backward(xf, scale, dys.float(), size, alpha, beta, groups))
         return dx, None, None, None, None, None
+
+
+def _lrn_forward(x: torch.Tensor, size: int, alpha: float, beta: float, k: float, groups: int):
+    """(y, scale) in ``x``'s dtype."""
+    squares = torch.empty_like(x)
+    scale = _lrn_scale(x, size, alpha, k, groups, out=squares)
+    # The squares' buffer becomes the output: every activation-sized tensor allocated
+    # here costs page faults on the CPU, so the forward makes two, not four.
+    return _pow_neg(scale, beta, out=squares).mul_(x), scale
+
+
+def _lrn_backward(
+    x: torch.Tensor, scale: torch.Tensor, dy: torch.Tensor, size: int, alpha: float, beta: float, groups: int
+):
+    """dx from the saved ``x`` and ``scale`` (all one dtype)."""
+    scale_pow = _pow_neg(scale, beta)
+    # dy * y / scale = dy * x * scale^(-beta - 1)
+    ratio = (dy * x).mul_(scale_pow).div_(scale)
+    n, c = x.shape[0], x.shape[1]
+    before, after = size // 2, (size - 1) // 2
+    summed = _window_sum(ratio.view(n, groups, c // groups, *x.shape[2:]), after, before)  # transposed window
+    dx = scale_pow.mul_(dy)  # in place: three activation-sized allocations in all, not six
+    return dx.addcmul_(summed.view_as(x), x, value=-2.0 * alpha * beta / size)
 
 
 def local_response_norm(

@@ -28,7 +28,8 @@ def render_header(header: dict) -> None:
     c.print(f"  data: {header['data']}", soft_wrap=True)
     c.print(
         f"  recipe {header['recipe']}: global batch {header['batch_size']}, {header['steps']} steps, "
-        f"lr {header['lr']:g}, input {header['in_channels']}x{header['image_size']}x{header['image_size']}",
+        f"lr {header['lr']:g}, input {header['in_channels']}x{header['image_size']}x{header['image_size']}, "
+        f"{header.get('precision', 'fp32')}",
         soft_wrap=True,
     )
     for note in header.get("departures", ()):
@@ -149,6 +150,10 @@ def summary_lines(result) -> list[str]:
         lines.append(f"torch.compile: the first step took {result.compile_seconds:.1f} s (not in examples/sec)")
     if result.skipped_steps:
         lines.append(f"{result.skipped_steps} step(s) skipped for non-finite values")
+    if result.overflow_steps:
+        lines.append(
+            f"{result.overflow_steps} step(s) skipped by fp16's loss scaler (the scaled gradients overflowed; routine)"
+        )
     if result.checkpoint:
         lines.append(f"checkpoint: {result.checkpoint}")
     return lines
