@@ -230,7 +230,7 @@ def test_replicas_split_the_global_batch_and_towers_agree(tmp_path):
     assert images.shape == (4, 1, 32, 32) and images.dtype == torch.float32 and labels.dtype == torch.int64
     test_items = [i for loaders in replicas for _, i in loaders.test.sampler]
     assert sorted(test_items) == list(range(12))  # every test image once, no padding
-    with pytest.raises(ConfigError, match="global batch size 9 does not split over 2"):
+    with pytest.raises(ConfigError, match="global batch of 9 does not divide over 2"):
         build_loaders("fashion-mnist", dp_rank=0, dp_size=2, **{**kw, "global_batch": 9})
 
 

@@ -123,15 +123,13 @@ def run(args: argparse.Namespace) -> int:
     from ..measure.cards import CARDS, Card
     from ..measure.fit import check_boundary, plan_fit
     from ..measure.fitcheck import check_on_cuda
+    from ..parallel import set_cpu_threads
 
     if args.check and not torch.cuda.is_available():
         raise ConfigError(
             "--check runs the step on CUDA and this machine has no CUDA device (--check-boundary estimates it)"
         )
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_cpu_threads(args.threads)
     if args.memory is not None:
         cards = [Card("memory", f"{args.memory / 2**30:.2f} GiB", args.memory, f"{args.memory:,} bytes", "--memory")]
     else:

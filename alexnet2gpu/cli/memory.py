@@ -56,12 +56,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..measure.memory import check_estimator, run_memory
-    from ..parallel import Numerics, TorchrunEnv, close_distributed
+    from ..parallel import Numerics, TorchrunEnv, close_distributed, set_cpu_threads
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_cpu_threads(args.threads)
     env = TorchrunEnv.from_environ()
     kwargs = model_kwargs(args)
     numerics = Numerics(args.precision)

@@ -47,6 +47,7 @@ from .fashion_mnist import FashionMNIST, ResizeBatch, training_mean_image
 from .holdout import VAL_SPLIT_SEED
 from .imagefolder import Unreadable, build_folder_datasets
 from .mean_image import PIXELS
+from .shares import local_batch
 
 _PIXEL_WORDS = {"unit": "pixels in [0, 1]", "mean-image": "pixels 0-255 minus the training mean image"}
 
@@ -209,11 +210,7 @@ def _check_settings(pixels: str, global_batch: int, dp_rank: int, dp_size: int, 
         raise ConfigError(f"unknown pixel scaling '{pixels}': choose one of {', '.join(PIXELS)}")
     if dp_size < 1 or not 0 <= dp_rank < dp_size:
         raise ConfigError(f"data-parallel rank {dp_rank} is not in 0..{dp_size - 1}")
-    if global_batch < 1 or global_batch % dp_size:
-        raise ConfigError(
-            f"the global batch size {global_batch} does not split over {dp_size} data-parallel "
-            f"replicas: use a multiple of {dp_size}"
-        )
+    local_batch(global_batch, dp_size)
     if num_workers is not None and num_workers < 0:
         raise ConfigError(f"--workers must be 0 or more, got {num_workers}")
 

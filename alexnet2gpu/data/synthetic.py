@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ..errors import ConfigError
+from .shares import local_batch
 
 __all__ = ["HELD_OUT_BATCHES", "HELD_OUT_OFFSETS", "SyntheticLoader", "synthetic_batch", "replica_slice"]
 
@@ -30,12 +30,7 @@ def _step_seed(seed: int, step: int) -> int:
 
 def replica_slice(global_batch: int, dp_size: int, dp_rank: int) -> slice:
     """The rows of a global batch that replica ``dp_rank`` of ``dp_size`` trains on."""
-    if global_batch < 1 or global_batch % dp_size:
-        raise ConfigError(
-            f"the global batch size {global_batch} does not split over {dp_size} data-parallel "
-            f"replicas: use a multiple of {dp_size}"
-        )
-    local = global_batch // dp_size
+    local = local_batch(global_batch, dp_size)
     return slice(dp_rank * local, (dp_rank + 1) * local)
 
 

@@ -114,14 +114,8 @@ def parts(placed: nn.Module) -> list[tuple[str, nn.Module, int]]:
 
 
 def slot_labels(placed: nn.Module) -> list[str]:
-    """One label per device slot; ``cpu #0``/``cpu #1`` when split runs on ``cpu,cpu``."""
-    layout = placed.layout
-    devices = [str(d) for d in layout.devices]
-    if layout.distributed:
-        return [f"{devices[0]} (rank {layout.rank})"]
-    if len(set(devices)) < len(devices):
-        return [f"{d} #{i}" for i, d in enumerate(devices)]
-    return devices
+    """One label per device slot (:meth:`~alexnet2gpu.parallel.Layout.slot_labels`)."""
+    return placed.layout.slot_labels()
 
 
 def _owner_slots(placed: nn.Module) -> dict[int, int]:

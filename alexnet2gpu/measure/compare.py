@@ -23,8 +23,7 @@ from dataclasses import asdict
 
 import torch
 
-from ..parallel import Numerics, TorchrunEnv, close_distributed
-from ..parallel.layout import _local_device
+from ..parallel import Numerics, TorchrunEnv, close_distributed, default_device, set_cpu_threads
 from .accounting import MemoryReport
 from .bench import BenchResult, OverheadResult, measure_overhead, run_bench
 from .launch import run_torchrun_job
@@ -167,11 +166,11 @@ def _run_ranks(config: CompareConfig, name: str) -> Variant:
 
 def _ranks_note(nproc: int = 2) -> str:
     """Where the launched job runs, by the workers' own rule: they get no ``--devices``, so
-    each takes its local rank's default (:func:`alexnet2gpu.parallel.layout._local_device`:
+    each takes its local rank's default (:func:`alexnet2gpu.parallel.default_device`:
     cuda:LOCAL_RANK where CUDA exists, else the CPU), and the towers' tensors go through
     NCCL on CUDA, gloo on the CPU (as :meth:`~alexnet2gpu.parallel.Layout.describe` says).
     On one GPU :func:`plan_variants` skips dual/ranks: rank 1 would want a cuda:1 that is not there."""
-    devices = [_local_device(None, local_rank) for local_rank in range(nproc)]
+    devices = [default_device(local_rank) for local_rank in range(nproc)]
     if all(d.type == "cpu" for d in devices):
         where = "on the CPU (gloo)"
     else:
@@ -325,9 +324,7 @@ def run_compare(
     (see :func:`units_of_work`; the overhead check adds ``config.repeats`` units). Under
     torchrun every rank runs dual/ranks, and only rank 0 the rest: other ranks get None."""
     started = time.perf_counter()
-    previous_threads = torch.get_num_threads()
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
+    previous_threads = set_cpu_threads(config.threads)
     machine_before = machine_info()
     names, notes = plan_variants(config)
     try:

@@ -177,9 +177,7 @@ def run_memory(
             f"{torch.cuda.device_count()} CUDA device(s): use --source estimated (or auto) to estimate them"
         )
     placed = place(model, _on_cpu(intended) if planned else intended)
-    dp = placed.layout.dp_size
-    if batch_size % dp:
-        raise ConfigError(f"batch size {batch_size} does not divide among {dp} data-parallel replicas")
+    placed.layout.local_batch(batch_size)
     if source == "auto":
         source = "measured" if all(d.type == "cuda" for d in placed.layout.devices) else "estimated"
     if snapshot and source != "measured":

@@ -43,20 +43,13 @@ def parse_batch_sizes(spec: str | Iterable[int]) -> list[int]:
 
 def check_batch_sizes(placed: nn.Module, sizes: list[int]) -> None:
     """Under ``ranks`` with k data-parallel replicas the batch is global: k must divide it."""
-    dp = placed.layout.dp_size
-    bad = [b for b in sizes if b % dp]
-    if bad:
-        raise ConfigError(
-            f"batch size {bad[0]} does not divide among {dp} data-parallel replicas: use a multiple of {dp}"
-        )
+    for size in sizes:
+        placed.layout.local_batch(size)
 
 
 def device_label(placed: nn.Module) -> str:
-    """Where a placed net runs, in words: ``cpu``, ``cuda:0,cuda:1``, ``cpu x2 processes``."""
-    layout = placed.layout
-    if layout.distributed:
-        return f"{layout.device.type} x{layout.world_size} processes"
-    return ",".join(str(d) for d in layout.devices)
+    """Where a placed net runs, in a table cell (:meth:`~alexnet2gpu.parallel.Layout.label`)."""
+    return placed.layout.label()
 
 
 def make_batch(placed: nn.Module, batch_size: int, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +58,7 @@ def make_batch(placed: nn.Module, batch_size: int, *, seed: int = 0) -> tuple[to
     is timed): every process and every device gets the same images for one seed, where a
     CUDA generator draws other numbers than the CPU's."""
     device = devices_of(placed)[0]
-    n = batch_size // placed.layout.dp_size
+    n = placed.layout.local_batch(batch_size)
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(n, placed.in_channels, placed.image_size, placed.image_size, generator=generator)
     y = torch.randint(0, placed.num_classes, (n,), generator=generator)

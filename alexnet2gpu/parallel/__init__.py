@@ -27,7 +27,15 @@ from .names import PLACEMENTS, PRECISIONS, PROCESS_PLACEMENTS, SINGLE_STREAM_PLA
 # Loaded, with torch, on first use: submodule -> the names it gives this package.
 _LAZY = {
     ".distributed": ("DEFAULT_TIMEOUT_S", "close_distributed", "init_distributed"),
-    ".layout": ("Layout", "TorchrunEnv", "default_device", "own_forward_placement", "parse_devices", "resolve_layout"),
+    ".layout": (
+        "Layout",
+        "TorchrunEnv",
+        "default_device",
+        "own_forward_placement",
+        "parse_devices",
+        "resolve_layout",
+        "set_cpu_threads",
+    ),
     ".loss": ("forward_loss",),
     ".place": ("devices_of", "place"),
     ".precision": ("DTYPES", "FP32", "Numerics", "numerics_record"),

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..data.shares import local_batch
 from ..errors import ConfigError
 from .names import ANY_NET_PLACEMENTS, PLACEMENTS, PROCESS_PLACEMENTS, SINGLE_STREAM_PLACEMENTS, TWO_TOWER_PLACEMENTS
 
@@ -47,6 +48,7 @@ __all__ = [
     "own_forward_placement",
     "parse_devices",
     "resolve_layout",
+    "set_cpu_threads",
 ]
 
 log = logging.getLogger("alexnet2gpu")
@@ -199,12 +201,7 @@ class Layout:
     def local_batch(self, global_batch: int) -> int:
         """This process's share of ``global_batch``: the batch divided over the data-parallel
         replicas (``dp_size``), refused with the numbers when it does not divide."""
-        if global_batch < self.dp_size or global_batch % self.dp_size:
-            raise ConfigError(
-                f"a global batch of {global_batch} does not divide over the {self.dp_size} data-parallel "
-                f"replicas of placement '{self.placement}': use a multiple of {self.dp_size}"
-            )
-        return global_batch // self.dp_size
+        return local_batch(global_batch, self.dp_size)
 
     def describe(self) -> str:
         """The devices in words, e.g. ``cpu``, ``cuda:0,cuda:1``, ``2 processes (1 x 2 towers) on cpu (gloo)``."""
@@ -217,6 +214,22 @@ class Layout:
             }[self.placement]
             return f"{self.world_size} processes ({what}) on {self.device.type} ({backend})"
         return ",".join(str(d) for d in self.devices)
+
+    def label(self) -> str:
+        """The devices in a table cell: ``cpu``, ``cuda:0,cuda:1``, ``cpu x2 processes``."""
+        if self.distributed:
+            return f"{self.device.type} x{self.world_size} processes"
+        return ",".join(str(d) for d in self.devices)
+
+    def slot_labels(self) -> list[str]:
+        """One label per device slot of this process: ``cuda:0 (rank 1)`` under torchrun,
+        ``cpu #0``/``cpu #1`` when split runs on ``cpu,cpu``, else the devices."""
+        devices = [str(d) for d in self.devices]
+        if self.distributed:
+            return [f"{devices[0]} (rank {self.rank})"]
+        if len(set(devices)) < len(devices):
+            return [f"{d} #{i}" for i, d in enumerate(devices)]
+        return devices
 
 
 def check_net(placement: str, two_tower: bool) -> None:
@@ -248,9 +261,21 @@ def own_forward_placement(two_tower: bool) -> str:
     return "towers" if two_tower else "single"
 
 
-def default_device() -> torch.device:
-    """The first GPU where there is one, else the CPU."""
-    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+def default_device(local_rank: int = 0) -> torch.device:
+    """Where work goes when no device is named, decided here only: ``cuda:LOCAL_RANK`` (the
+    first GPU outside torchrun) where CUDA exists, else the CPU."""
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def set_cpu_threads(threads: int | None, flag: str = "--threads") -> int:
+    """Sets torch's CPU threads for this process (None: leaves torch's choice) and returns
+    the number before, so a caller can put it back; every command sets them here."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+    return previous
 
 
 def parse_devices(spec: str | list | tuple | None) -> list[torch.device] | None:
@@ -301,18 +326,18 @@ def _choose_auto(two_tower: bool, env: TorchrunEnv) -> tuple[str, list[torch.dev
         )
     if cuda == 1:
         # Not measured against towers on a GPU yet: the fused kernels are cuDNN's usual case.
-        return "grouped", [torch.device("cuda", 0)], "1 CUDA device: the fused grouped net on cuda:0"
+        return "grouped", [default_device()], "1 CUDA device: the fused grouped net on cuda:0"
     # Measured on this project's CPU (docs/results.md, "dual/grouped against dual/towers"):
     # grouped trains at 0.88, 0.92, 0.83x the speed of towers (227 px, batch 64, one thread,
     # interleaved rounds), and at 0.79-0.88x in every measurement before: towers on the CPU.
-    return "towers", [torch.device("cpu")], "no CUDA device: both towers on the CPU (measured faster than grouped)"
+    return "towers", [default_device()], "no CUDA device: both towers on the CPU (measured faster than grouped)"
 
 
 def _local_device(devices: list[torch.device] | None, local_rank: int) -> torch.device:
     """``cuda:LOCAL_RANK`` where CUDA exists, else the CPU; ``devices`` overrides: one device
     for every process (e.g. ``cpu``), or one per local rank."""
     if devices is None:
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        return default_device(local_rank)
     if len(devices) == 1:
         return devices[0]
     if local_rank < len(devices):
