@@ -27,15 +27,8 @@ from .names import PLACEMENTS, PRECISIONS, PROCESS_PLACEMENTS, SINGLE_STREAM_PLA
 # Loaded, with torch, on first use: submodule -> the names it gives this package.
 _LAZY = {
     ".distributed": ("DEFAULT_TIMEOUT_S", "close_distributed", "init_distributed"),
-    ".layout": (
-        "Layout",
-        "TorchrunEnv",
-        "default_device",
-        "own_forward_placement",
-        "parse_devices",
-        "resolve_layout",
-        "set_cpu_threads",
-    ),
+    ".devices": ("check_available", "default_device", "parse_devices", "set_cpu_threads"),
+    ".layout": ("Layout", "TorchrunEnv", "own_forward_placement", "resolve_layout"),
     ".loss": ("forward_loss",),
     ".place": ("devices_of", "place"),
     ".precision": ("DTYPES", "FP32", "Numerics", "numerics_record"),
