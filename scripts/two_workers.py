@@ -1,0 +1,89 @@
+"""The two-workers comparison of issue 17, end to end: one device, the 2012 towers, data
+parallel and the 2014 hybrid for dual, torchvision and simplified, at full size.
+
+    .venv/bin/python scripts/two_workers.py [--batch-size 128] [--repeats 3] [--out docs/runs]
+    .venv/bin/python scripts/two_workers.py --render docs/runs/two-workers-b128.json
+
+Measures (:func:`alexnet2gpu.measure.workers.measure_workers`: 2 processes x 1 thread,
+launched once with ``elastic_launch``), with the load average before and after, and writes
+OUT/two-workers-bBATCH.json (the records, the machine, the closed-form lines); then renders
+OUT/two-workers-bBATCH.md and OUT/two-workers-bytes.png from that JSON
+(:mod:`alexnet2gpu.report.workers`). ``--render JSON`` renders an existing JSON again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from alexnet2gpu.measure.timing import machine_info
+from alexnet2gpu.measure.workers import MODELS, measure_workers, traffic_lines
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return f.read().strip()
+
+
+def measure(args) -> Path:
+    before = loadavg()
+    start = time.perf_counter()
+    records = measure_workers(
+        tuple(args.models.split(",")),
+        batch_size=args.batch_size,
+        processes=args.processes,
+        threads=args.threads,
+        repeats=args.repeats,
+        steps=args.steps,
+        warmup=args.warmup,
+        timeout_s=args.timeout,
+    )
+    seconds = time.perf_counter() - start
+    after = loadavg()
+    lines = traffic_lines(tuple(args.models.split(",")), args.processes)
+    data = {
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "loadavg_before": before,
+        "loadavg_after": after,
+        "seconds": round(seconds, 1),
+        "machine": machine_info(),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("render", "out")},
+        "records": [r.to_json() for r in records],
+        "lines": [line.to_json() for line in lines],
+    }
+    out = Path(args.out) / f"two-workers-b{args.batch_size}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {out} ({seconds:.0f} s; load {before} -> {after})")
+    return out
+
+
+def render(path: Path) -> None:
+    from alexnet2gpu.report.workers import render_run
+
+    written = render_run(path, path.parent / "two-workers-bytes.png")
+    print("wrote " + ", ".join(map(str, written)))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS), help="default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=128, help="global batch (default: %(default)s)")
+    p.add_argument("--processes", type=int, default=2, help="default: %(default)s")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per process (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=1, help="timed steps per round (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per way (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=5400.0, help="seconds per process (default: %(default)s)")
+    p.add_argument("--out", default="docs/runs", help="default: %(default)s")
+    p.add_argument("--render", metavar="JSON", help="render an existing JSON, measure nothing")
+    args = p.parse_args()
+    render(Path(args.render) if args.render else measure(args))
+
+
+if __name__ == "__main__":  # spawn re-imports this file in every worker: measure only here
+    main()
