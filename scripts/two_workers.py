@@ -17,48 +17,28 @@ import argparse
 import json
 import shlex
 import sys
-import time
 from pathlib import Path
 
-from alexnet2gpu.measure.timing import machine_info
-from alexnet2gpu.measure.workers import MODELS, measure_workers, traffic_lines
-
-
-def loadavg() -> str:
-    with open("/proc/loadavg") as f:
-        return f.read().strip()
+from alexnet2gpu.measure.workers import MODELS, workers_run
 
 
 def measure(args) -> Path:
-    before = loadavg()
-    start = time.perf_counter()
-    records = measure_workers(
-        tuple(args.models.split(",")),
-        batch_size=args.batch_size,
+    models = tuple(args.models.split(","))
+    data = workers_run(
+        models,
+        command=shlex.join([sys.executable, *sys.argv]),
         processes=args.processes,
+        batch_size=args.batch_size,
         threads=args.threads,
         repeats=args.repeats,
         steps=args.steps,
         warmup=args.warmup,
         timeout_s=args.timeout,
     )
-    seconds = time.perf_counter() - start
-    after = loadavg()
-    lines = traffic_lines(tuple(args.models.split(",")), args.processes)
-    data = {
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "loadavg_before": before,
-        "loadavg_after": after,
-        "seconds": round(seconds, 1),
-        "machine": machine_info(),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("render", "out")},
-        "records": [r.to_json() for r in records],
-        "lines": [line.to_json() for line in lines],
-    }
     out = Path(args.out) / f"two-workers-b{args.batch_size}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2) + "\n")
-    print(f"wrote {out} ({seconds:.0f} s; load {before} -> {after})")
+    print(f"wrote {out} ({data['seconds']:.0f} s; load {data['loadavg_before']} -> {data['loadavg_after']})")
     return out
 
 

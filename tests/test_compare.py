@@ -400,3 +400,25 @@ def test_the_ranks_job_gets_the_precision_and_memory_format(monkeypatch):
         assert jobs[1][0] == "memory" and jobs[1][jobs[1].index("--precision") + 1] == "bf16"
     else:  # the memory step of this tree takes no precision yet: said, not run in fp32 instead
         assert len(jobs) == 1 and "memory not measured" in variant.note
+
+
+@pytest.mark.distributed
+def test_compare_workers_adds_the_two_workers_section(tmp_path):
+    """`compare --workers` launches 2 processes and writes the section beside the report:
+    every way's counted bytes equal the closed form, and the crossings are those of the
+    nets it measured (width 1/16 here), not of the full-size ones."""
+    import json
+
+    from alexnet2gpu.cli.main import main
+
+    out = tmp_path / "cmp"
+    argv = ["compare", "--quick", "--variants", "simplified", "--no-overhead", "--repeats", "1", "--width", "0.0625"]
+    argv += ["--image-size", "67", "--workers", "--workers-models", "simplified", "--workers-batch-size", "8"]
+    assert main([*argv, "--out", str(out)]) == 0
+    data = json.loads((out / "two-workers.json").read_text())
+    ways = [r["way"] for r in data["records"]]
+    assert ways == ["one device", "data parallel", "hybrid"]
+    assert all(sent == r["closed_form_bytes"] for r in data["records"][1:] for sent in r["sent_bytes"])
+    assert len(data["records"][1]["sent_bytes"]) == 2 and data["records"][1]["sent_bytes"][0] > 0
+    assert data["settings"]["width"] == 0.0625
+    assert (out / "two-workers.md").read_text().startswith("# ") and (out / "two-workers-bytes.png").stat().st_size

@@ -78,6 +78,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=False,
         help="every net and batch in channels-last memory format (default: off)",
     )
+    group = parser.add_argument_group("two workers (the 2012 towers, data parallel, the 2014 hybrid)")
+    group.add_argument(
+        "--workers",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also launch 2 processes and compare one device, the towers (dual), data parallel and the hybrid: "
+        "memory per process, bytes sent per step counted beside the closed form, images/s; writes "
+        "two-workers.json/.md and two-workers-bytes.png (default: off; at batch 128 on a 2-core CPU about "
+        "5 minutes per round)",
+    )
+    group.add_argument(
+        "--workers-models",
+        default="dual,torchvision,simplified",
+        help="nets of the two-workers section (default: %(default)s)",
+    )
+    group.add_argument(
+        "--workers-batch-size", type=int, default=None, help="its global batch (default: 128; --quick 16)"
+    )
+    group.add_argument(
+        "--workers-repeats", type=int, default=1, help="its interleaved timed rounds (default: %(default)s)"
+    )
     parser.add_argument(
         "--overhead",
         action=argparse.BooleanOptionalAction,
@@ -137,4 +158,35 @@ def run(args: argparse.Namespace) -> int:
     except OSError as error:
         raise Alexnet2gpuError(f"could not write the report to {args.out}: {error.strerror or error}") from None
     print(f"wrote {', '.join(str(p) for p in paths)} (torch {torch.__version__})")
+    if args.workers and not env.launched:
+        _two_workers(args, command)
     return 0
+
+
+def _two_workers(args: argparse.Namespace, command: str) -> None:
+    """The two-workers section: measured in 2 launched processes, written beside the report."""
+    import json
+    from pathlib import Path
+
+    from ..errors import ConfigError
+    from ..measure.workers import MODELS, workers_run
+    from ..report import console, write_text_atomic
+    from ..report.workers import render_run
+
+    models = tuple(m.strip() for m in args.workers_models.split(",") if m.strip())
+    unknown = [m for m in models if m not in MODELS]
+    if unknown or not models:
+        raise ConfigError(f"--workers-models {args.workers_models}: choose from {', '.join(MODELS)}")
+    batch = args.workers_batch_size or (16 if args.quick else 128)
+    settings = dict(batch_size=batch, threads=args.threads or 1, repeats=args.workers_repeats, warmup=0)
+    if args.image_size or args.width:
+        settings.update(image_size=args.image_size, width=args.width or 1.0)
+    with console().status(
+        f"two workers: {', '.join(models)} at batch {batch}, 2 processes (each way's step counted, "
+        f"then {args.workers_repeats} timed round(s))"
+    ):
+        data = workers_run(models, command=f"{command} (two workers)", **settings)
+    out = Path(args.out) / "two-workers.json"
+    write_text_atomic(out, json.dumps(data, indent=2) + "\n")
+    written = render_run(out, out.with_name("two-workers-bytes.png"))
+    print(f"wrote {', '.join(map(str, [out, *written]))} ({data['seconds']:.0f} s)")

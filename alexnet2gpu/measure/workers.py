@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 
@@ -55,6 +56,7 @@ from .workload import make_batch, make_optimizer, train_step
 
 __all__ = [
     "MODELS",
+    "workers_run",
     "ProcessMemory",
     "TrafficLine",
     "WorkerRecord",
@@ -410,3 +412,33 @@ def measure_workers(
         workers_job, tuple(models), settings, processes=processes, threads=threads, timeout_s=timeout_s, device=device
     )
     return [WorkerRecord.from_json(r) for r in found]
+
+
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
+
+
+def workers_run(models=MODELS, *, command: str, processes: int = 2, **settings) -> dict:
+    """:func:`measure_workers` with what a record of it needs: the command, the load average
+    before and after, the seconds, the machine, the settings, the records and the closed
+    forms' lines (what ``compare --workers`` and ``scripts/two_workers.py`` write)."""
+    from .timing import machine_info
+
+    models = tuple(models)
+    net_size = {k: settings[k] for k in ("image_size", "width") if settings.get(k) is not None}
+    before, start = _loadavg(), time.perf_counter()
+    records = measure_workers(models, processes=processes, **settings)
+    return {
+        "command": command,
+        "loadavg_before": before,
+        "loadavg_after": _loadavg(),
+        "seconds": round(time.perf_counter() - start, 1),
+        "machine": machine_info(),
+        "settings": {"models": list(models), "processes": processes, **settings},
+        "records": [r.to_json() for r in records],
+        "lines": [line.to_json() for line in traffic_lines(models, processes, **net_size)],
+    }
