@@ -169,3 +169,21 @@ def test_every_listed_command_runs_within_its_limit(tmp_path):
         result = run_killing_group(cmd, timeout=COMMAND_LIMIT_S, env=env, merge_stderr=True, cwd=tmp_path)
         print(f"{time.monotonic() - start:6.1f} s  {line}")
         assert result.returncode == 0, f"exit {result.returncode}: {line}\n{result.stdout[-3000:]}"
+
+
+def test_the_two_workers_table_is_its_record():
+    """Each README two-workers row (bytes, images/s, weights per process) is the record's."""
+    data = json.loads((RUNS / "two-workers-b128.json").read_text())
+    text = README.read_text()
+    for r in data["records"]:
+        if r["way"] == "one device" or r["model"] == "simplified":  # not in the README's table
+            continue
+        weights = " / ".join(
+            f"{m['params_bytes'] / 2**20:.1f}" for m in r["memory"][: 2 if r["way"] == "towers" else 1]
+        )
+        row = (
+            f"| {r['model']} | {r['way']} | {weights} | {int(r['sent_bytes'][0]):,} B | "
+            f"{r['images_per_s']:.1f} ± {r['spread_images_per_s']:.1f} |"
+        )
+        assert row in text, row
+        assert all(sent == r["closed_form_bytes"] for sent in r["sent_bytes"])
