@@ -12,7 +12,6 @@ import torch
 import torch.distributed as dist
 
 from alexnet2gpu import build_model
-from alexnet2gpu.measure.processes import WorkersFailed, launch
 from alexnet2gpu.measure.workers import (
     MODELS,
     ProcessMemory,
@@ -25,6 +24,7 @@ from alexnet2gpu.measure.workers import (
     workers_job,
 )
 from alexnet2gpu.models import smallest_image_size
+from alexnet2gpu.parallel.processes import WorkersFailed, launch
 from alexnet2gpu.parallel.traffic import closed_form_bytes
 from alexnet2gpu.report.traffic import crossings, plot_bytes
 from alexnet2gpu.report.workers import workers_markdown, workers_rows

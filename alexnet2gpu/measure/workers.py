@@ -7,7 +7,7 @@ beside the closed form (:mod:`alexnet2gpu.parallel.traffic`), and the throughput
 **One launch.** :func:`measure_workers` starts the processes once through
 :func:`~.processes.launch` (``elastic_launch``, ``@record``) and gets the records back as
 rank 0's return value; a failing rank comes back as one
-:class:`~.processes.WorkersFailed` naming it and its exception.
+:class:`~alexnet2gpu.parallel.processes.WorkersFailed` naming it and its exception.
 
 **Per net, in every process at once:**
 
@@ -49,8 +49,8 @@ from torch import nn
 
 from ..models import build_model, is_two_tower
 from ..parallel import forward_loss, place
+from ..parallel.processes import launch
 from ..parallel.traffic import closed_form_bytes, count_collectives, counted_bytes
-from .processes import launch
 from .timing import rates_summary, synchronize, time_repeats
 from .workload import make_batch, make_optimizer, train_step
 
@@ -392,7 +392,7 @@ def measure_workers(
     processes of ``threads`` CPU threads each (``device`` ``cpu``, or ``cuda``: one GPU per
     process), launched once (:func:`~.processes.launch`); the records in the order of
     :func:`ways_for` per net. ``image_size`` None: each net's own. Raises
-    :class:`~.processes.WorkersFailed` naming the rank and exception if a process fails, and
+    :class:`~alexnet2gpu.parallel.processes.WorkersFailed` naming the rank and exception if a process fails, and
     ``ConfigError`` if the batch does not divide over the processes."""
     from ..errors import ConfigError
 

@@ -73,7 +73,7 @@ def _run_rank(function: Callable, args: tuple, kwargs: dict, threads: int, timeo
     """What each worker runs (see :func:`rank_entrypoint`)."""
     import torch
 
-    from ..parallel.distributed import close_distributed, init_distributed, is_collective_error
+    from .distributed import close_distributed, init_distributed, is_collective_error
 
     torch.set_num_threads(threads)
     signal.signal(signal.SIGALRM, _on_alarm(timeout_s))
