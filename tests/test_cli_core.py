@@ -45,6 +45,47 @@ def test_summary_table_and_json_file(capsys, tmp_path):
     assert json.loads(out.read_text())["placement"] == "split"
 
 
+def test_summary_plans_replicas_per_process_without_torchrun(capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    record = run_json(capsys, "summary", "--model", "simplified", "--placement", "replicas", "--json", "-")
+    assert record["placement"] == "replicas" and record["params_total"] == 46_764_746
+    assert record["params_per_device"] == [{"device": f"rank {r}", "params": 46_764_746} for r in (0, 1)]
+    assert {layer["device"] for layer in record["layers"]} == {"every rank"}
+    assert "each of the 2 processes holds the whole net" in record["note"]
+
+
+def test_summary_plans_hybrid_with_fc6_to_fc8_split(capsys):
+    record = run_json(
+        capsys, "summary", "--model", "torchvision", "--placement", "hybrid", "--processes", "4", "--json", "-"
+    )
+    assert record["params_total"] == 61_100_840
+    layers = {layer["name"]: layer for layer in record["layers"]}
+    fc6, fc8 = layers["classifier.1"], layers["classifier.6"]
+    assert fc6["output_shape"] == [4, 1024] and fc6["params"] == 1024 * (9216 + 1)
+    assert fc8["output_shape"] == [4, 1000] and fc8["params"] == 250 * (4096 + 1)  # logits gathered whole
+    assert layers["features.0"]["output_shape"] == [1, 64, 56, 56]  # the trunk: this process's image
+    trunk = 61_100_840 - (4096 * 9217 + 4096 * 4097 + 1000 * 4097)
+    per_rank = trunk + 1024 * 9217 + 1024 * 4097 + 250 * 4097
+    assert record["params_per_device"] == [{"device": f"rank {r}", "params": per_rank} for r in range(4)]
+
+
+def test_summary_hybrid_shares_uneven_units_as_dtensor_does(capsys):
+    """10 classes over 4 processes: torch.chunk's 3, 3, 3, 1."""
+    record = run_json(
+        capsys, "summary", "--model", "simplified", "--placement", "hybrid", "--processes", "4", "--json", "-"
+    )
+    counts = [d["params"] for d in record["params_per_device"]]
+    assert counts[0] == counts[1] == counts[2] == counts[3] + 2 * (4096 + 1)
+
+
+def test_summary_plans_ranks_as_towers_per_rank(capsys):
+    record = run_json(capsys, "summary", "--placement", "ranks", "--processes", "4", "--json", "-")
+    assert [d["params"] for d in record["params_per_device"]] == [32_531_112, 28_434_112] * 2
+    layers = {layer["name"]: layer for layer in record["layers"]}
+    assert layers["fc8"]["device"] == "even ranks (tower a, fc8)"
+    assert layers["tower_b.conv1"]["device"] == "odd ranks (tower b)"
+
+
 def test_verify_passes_here(capsys):
     result = run_json(capsys, "verify", "--json", "-")
     assert [c["placement"] for c in result["checks"]] == ["towers", "grouped", "split"]
@@ -69,6 +110,9 @@ def test_verify_fails_on_a_mismatch(capsys, monkeypatch):
         (["summary", "--devices", "gpu7"], "'gpu7' is not a device"),
         (["summary", "--model", "simplified", "--placement", "split"], "a single-stream net runs on one device"),
         (["summary", "--width", "-1"], "width must be positive, got -1.0"),
+        (["summary", "--placement", "hybrid"], "placement 'hybrid' splits a single stream's fc6-fc8"),
+        (["summary", "--placement", "ranks", "--processes", "3"], "placement 'ranks' plans an even number"),
+        (["summary", "--model", "half", "--placement", "replicas", "--processes", "1"], "at least 2 processes, got 1"),
     ],
 )
 def test_bad_flags_are_one_line_exit_2(capsys, argv, message):

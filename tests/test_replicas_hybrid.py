@@ -162,7 +162,7 @@ def test_the_global_batch_divides_over_the_replicas(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     layout = resolve_layout("hybrid", "cpu", two_tower=False, env=_env(4))
     assert layout.local_batch(128) == 32
-    with pytest.raises(ConfigError, match="global batch of 6 does not divide over the 4"):
+    with pytest.raises(ConfigError, match="global batch of 6 does not divide over 4"):
         layout.local_batch(6)
 
 

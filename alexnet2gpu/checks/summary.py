@@ -2,6 +2,14 @@
 parameters, computed under ``FakeTensorMode`` from a model built on the meta device.
 Nothing is allocated and no GPU is needed, so ``split`` on cuda:0/cuda:1 plans anywhere.
 Returns plain records; :mod:`alexnet2gpu.report` renders them.
+
+The torchrun placements plan without torchrun too, as a view of one process among
+``processes``, with the parameters of every rank: ``ranks`` is ``split``'s plan with tower a
+(and fc8) on the even ranks, tower b on the odd ones; ``replicas`` the whole net (``dual``
+fused as ``grouped``) on every rank; ``hybrid`` the conv trunk whole on every rank and each
+of fc6-fc8 split by output units (rank 0's share shown, ``torch.chunk``'s split, as DTensor
+shards them), the fully connected layers seeing the whole global batch (one image per
+process).
 """
 
 from __future__ import annotations
@@ -12,8 +20,11 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ..models import build_model
-from ..parallel import place
+from ..errors import ConfigError
+from ..models import build_model, is_two_tower
+from ..parallel import PROCESS_PLACEMENTS, place
+from ..parallel.hybrid import split_trunk
+from ..parallel.layout import check_net
 
 __all__ = ["LayerRecord", "SummaryRecord", "plan_summary"]
 
@@ -62,9 +73,14 @@ def _record_leaves(model: nn.Module, rows: list[LayerRecord]) -> list:
     return handles
 
 
-def plan_summary(model_name: str, placement: str = "auto", devices=None, **model_kwargs) -> SummaryRecord:
+def plan_summary(
+    model_name: str, placement: str = "auto", devices=None, *, processes: int = 2, **model_kwargs
+) -> SummaryRecord:
     """Builds ``model_name`` on the meta device, places it under ``FakeTensorMode`` and
-    runs one image through it, recording each leaf layer."""
+    runs one image through it, recording each leaf layer. ``ranks``, ``replicas`` and
+    ``hybrid`` are planned as one process of ``processes`` (see the module docstring)."""
+    if placement in PROCESS_PLACEMENTS:
+        return _plan_processes(model_name, placement, devices, processes, model_kwargs)
     with torch.device("meta"):
         model = build_model(model_name, **model_kwargs)
     rows: list[LayerRecord] = []
@@ -101,3 +117,77 @@ def plan_summary(model_name: str, placement: str = "auto", devices=None, **model
         layers=rows,
         note=" ".join(filter(None, [layout.reason and f"auto: {layout.reason}.", note])),
     )
+
+
+def _share(units: int, processes: int, rank: int) -> int:
+    """Rank ``rank``'s output units of a layer of ``units`` split ``processes`` ways, as
+    ``torch.chunk`` (DTensor's ``Shard``) splits them: ceil(units / p) each from the front."""
+    chunk = -(-units // processes)
+    return max(0, min(chunk, units - rank * chunk))
+
+
+def _plan_processes(model_name: str, placement: str, devices, processes: int, model_kwargs: dict) -> SummaryRecord:
+    """A torchrun placement's plan, as one of ``processes`` processes (module docstring)."""
+    with torch.device("meta"):
+        model = build_model(model_name, **model_kwargs)
+    two_tower = is_two_tower(model)
+    check_net(placement, two_tower)
+    if processes < 2 or (placement == "ranks" and processes % 2):
+        need = "an even number of processes, at least 2" if placement == "ranks" else "at least 2 processes"
+        raise ConfigError(f"placement '{placement}' plans {need}, got {processes}")
+    total = sum(p.numel() for p in model.parameters())
+    if placement == "ranks":
+        record = plan_summary(model_name, "split", ["cuda:0", "cuda:1"], **model_kwargs)
+        towers = {"cuda:0": "even ranks (tower a, fc8)", "cuda:1": "odd ranks (tower b)"}
+        for row in record.layers:
+            row.device = towers[row.device]
+        counts = {int(d["device"][-1]): d["params"] for d in record.params_per_device}
+        per_rank = [counts[rank % 2] for rank in range(processes)]
+        note = f"one tower per process: {processes // 2} data-parallel replica(s) x 2 towers"
+    else:
+        record = plan_summary(model_name, "grouped" if two_tower else "single", devices, **model_kwargs)
+        for row in record.layers:
+            row.device = "every rank"
+        per_rank = [total] * processes
+        note = f"each of the {processes} processes holds the whole net and its share of the global batch"
+        if placement == "hybrid":
+            per_rank = _plan_hybrid(model, record.layers, processes)
+            note = (
+                f"each of the {processes} processes holds the conv trunk whole (data parallel) and 1/{processes} "
+                f"of fc6-fc8's units (tensor parallel); the fully connected layers see the whole global batch "
+                f"({processes} images, one per process); their rows show rank 0's share"
+            )
+    record.placement = placement
+    record.params_total = total
+    record.params_per_device = [{"device": f"rank {rank}", "params": n} for rank, n in enumerate(per_rank)]
+    record.note = " ".join(filter(None, [f"per process: {note}.", record.note]))
+    return record
+
+
+def _plan_hybrid(model: nn.Module, rows: list[LayerRecord], processes: int) -> list[int]:
+    """Turns a single-device plan's fc rows into rank 0's share under ``hybrid``; returns
+    every rank's parameter count."""
+    _, fc_names = split_trunk(model)
+    linears = {name: model.get_submodule(name) for name in fc_names}
+    units = None
+    for row in rows:
+        if row.name in linears:
+            fc = linears[row.name]
+            units = _share(fc.out_features, processes, 0)
+            row.params = units * (fc.in_features + (fc.bias is not None))
+            row.device = "rank 0's share"
+            gathered = row.name == fc_names[-1]  # fc8's logits come out whole on every process
+            row.output_shape = [processes, fc.out_features if gathered else units]
+        elif units is not None:
+            row.output_shape = [processes, units]
+            row.device = "rank 0's share"
+    trunk = sum(p.numel() for p in model.parameters()) - sum(
+        p.numel() for fc in linears.values() for p in fc.parameters()
+    )
+    return [
+        trunk
+        + sum(
+            _share(fc.out_features, processes, r) * (fc.in_features + (fc.bias is not None)) for fc in linears.values()
+        )
+        for r in range(processes)
+    ]

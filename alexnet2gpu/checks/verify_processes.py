@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import build_model, init_xavier_, seed_dropout, smallest_image_size
-from ..parallel import close_distributed, forward_loss, full_gradients, place
+from ..parallel import FP32, Numerics, close_distributed, forward_loss, full_gradients, place
 from ..parallel.traffic import closed_form_bytes, count_collectives, counted_bytes
-from .verify import TOLERANCE, relative_error
+from .verify import FP16_LOSS_SCALE, TOLERANCE, global_relative_error, relative_error, tolerances
 
 __all__ = ["ProcessCheck", "check_processes", "count_step", "reference_step", "run_checks"]
 
@@ -48,7 +48,11 @@ class ProcessCheck:
     worst_grad: str  # the parameter whose gradient differs most
     sent_bytes: list[float] = field(default_factory=list)  # counted, per process, one step
     closed_form_bytes: float = 0.0  # per process, one step
-    tolerance: float = TOLERANCE
+    tolerance: float = TOLERANCE  # the loss (and the gradients where grads_tolerance is None)
+    precision: str = "fp32"
+    grads_tolerance: float | None = None
+    grads_norm: str = "max"  # "max": each tensor's largest element; "global": all gradients as one vector
+    worst_rank: int = 0  # the rank whose gradients differ most
 
     @property
     def bytes_ok(self) -> bool:
@@ -56,7 +60,12 @@ class ProcessCheck:
 
     @property
     def ok(self) -> bool:
-        return max(self.loss_rel_err, self.grads_rel_err) < self.tolerance and self.bytes_ok
+        grads_tolerance = self.tolerance if self.grads_tolerance is None else self.grads_tolerance
+        return self.loss_rel_err < self.tolerance and self.grads_rel_err < grads_tolerance and self.bytes_ok
+
+    @classmethod
+    def from_json(cls, data: dict) -> ProcessCheck:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
     def to_json(self) -> dict:
         return {**asdict(self), "bytes_ok": self.bytes_ok, "ok": self.ok}
@@ -83,15 +92,17 @@ def _sum_over_ranks(value: float) -> float:
     return float(tensor)
 
 
-def _gather_floats(value: float) -> list[float]:
+def _gather_objects(value) -> list:
+    """``value`` from every rank, in rank order (a collective)."""
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, value)
     return parts
 
 
-def _placed_step(model: nn.Module, placement: str, x, y, seed: int, device):
-    """One step of ``placement`` on this rank's share; returns the placed net, its share of
-    the loss summed over the ranks / dp_size, and the bytes it counted."""
+def _placed_step(model: nn.Module, placement: str, x, y, seed: int, device, numerics: Numerics = FP32):
+    """One step of ``placement`` on this rank's share under ``numerics`` (float16: the loss
+    scaled by ``FP16_LOSS_SCALE`` for the backward, as GradScaler does); returns the placed
+    net, its share of the loss summed over the ranks / dp_size, and the bytes it counted."""
     placed = place(copy.deepcopy(model), placement, devices=[device])
     layout = placed.layout
     seed_dropout(placed, seed, replica=layout.replica)
@@ -102,8 +113,9 @@ def _placed_step(model: nn.Module, placement: str, x, y, seed: int, device):
     if counter is not None:
         counter.reset()
     with counting:
-        loss = forward_loss(placed, x[rows].to(device), y[rows].to(device))
-        loss.backward()
+        with numerics.autocast([device]):
+            loss = forward_loss(placed, x[rows].to(device), y[rows].to(device))
+        (loss * (FP16_LOSS_SCALE if numerics.scaled else 1.0)).backward()
     return placed, _sum_over_ranks(float(loss.detach())) / layout.dp_size, counted_bytes(placed)
 
 
@@ -118,11 +130,17 @@ def check_processes(
     dropout: float = 0.5,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    perturb_rank: int | None = None,
 ) -> ProcessCheck:
     """One training step of ``placement`` for ``model_name`` (tiny by default) on every rank
     of the running process group, against :func:`reference_step`. ``dropout`` applies to
     ``dual`` under ``ranks`` and ``replicas``; the others are checked with dropout 0 (see the
-    module docstring). A collective: every rank calls it with the same arguments."""
+    module docstring). ``precision``: the step under autocast (``bf16``, ``fp16``), held to
+    the tolerances derived from the dtype. ``perturb_rank``: that rank doubles its first
+    gradient after the backward, a placement that computes another function, which
+    the check must catch (for tests). A collective: every rank calls it with the same
+    arguments."""
     torch.manual_seed(seed)
     size = image_size or smallest_image_size(model_name)
     two_tower = model_name == "dual"
@@ -133,12 +151,19 @@ def check_processes(
     x = torch.randn(batch_size, model.in_channels, size, size, generator=data)
     y = torch.randint(0, num_classes, (batch_size,), generator=data)
     processes = dist.get_world_size()
-    placed, loss, sent = _placed_step(model, placement, x, y, seed, torch.device(device))
+    numerics = Numerics(precision)
+    placed, loss, sent = _placed_step(model, placement, x, y, seed, torch.device(device), numerics)
+    if perturb_rank == dist.get_rank():
+        with torch.no_grad():
+            next(p for p in placed.parameters() if p.grad is not None).grad.mul_(2.0)
     grads = full_gradients(placed)
-    dp_size = placed.layout.dp_size
-    ref_loss, ref_grads = reference_step(model, x, y, dp_size, seed)
-    errors = {name: relative_error(grads[name], ref_grads[name]) for name in ref_grads}
-    worst = max(errors, key=errors.get)
+    if numerics.scaled:
+        grads = {name: g / FP16_LOSS_SCALE for name, g in grads.items()}
+    ref_loss, ref_grads = reference_step(model, x, y, placed.layout.dp_size, seed)
+    rank_errors = _errors(grads, ref_grads, numerics.mixed)
+    grads_err, worst, worst_rank = max(_gather_objects((*rank_errors, dist.get_rank())), key=lambda e: e[0])
+    limits = tolerances(precision)
+    activation_bytes = 2 if numerics.mixed else 4  # under autocast the activations cross in bf16/fp16
     record = ProcessCheck(
         placement=placement,
         model=model_name,
@@ -147,13 +172,26 @@ def check_processes(
         dropout=dropout,
         loss=loss,
         loss_rel_err=relative_error(torch.tensor(loss), ref_loss),
-        grads_rel_err=errors[worst],
+        grads_rel_err=grads_err,
         worst_grad=worst,
-        sent_bytes=_gather_floats(float(sent)),
-        closed_form_bytes=float(closed_form_bytes(placement, model, batch_size, processes)),
+        sent_bytes=_gather_objects(float(sent)),
+        closed_form_bytes=float(closed_form_bytes(placement, model, batch_size, processes, activation_bytes)),
+        tolerance=limits.forward,
+        precision=precision,
+        grads_tolerance=limits.grads if numerics.mixed else None,
+        grads_norm="global" if numerics.mixed else "max",
+        worst_rank=worst_rank,
     )
     _release(placed)
     return record
+
+
+def _errors(grads: dict, ref_grads: dict, mixed: bool) -> tuple[float, str]:
+    """(error, the parameter whose gradient differs most): the largest per-tensor relative
+    error in float32; the norm of all the gradients together under bf16/fp16."""
+    errors = {name: relative_error(grads[name], ref_grads[name]) for name in ref_grads}
+    worst = max(errors, key=errors.get)
+    return (global_relative_error(grads, ref_grads) if mixed else errors[worst]), worst
 
 
 def _release(placed: nn.Module) -> None:
@@ -196,25 +234,26 @@ def count_step(
         "processes": processes,
         "batch_size": batch_size,
         "loss": loss,
-        "sent_bytes": _gather_floats(float(sent)),
+        "sent_bytes": _gather_objects(float(sent)),
         "sent_by_kind": by_kind,
         "closed_form_bytes": float(expected),
     }
 
 
-def run_checks(checks=(), counts=(), *, num_classes: int = 10, threads: int = 1) -> dict:
+def run_checks(checks=(), counts=(), *, num_classes: int = 10, threads: int = 1, **options) -> dict:
     """Every check of a torchrun job, as one function: a launcher's entrypoint (e.g.
     ``torch.distributed.launcher.api.elastic_launch(config, run_checks)(checks)``, which
     returns each rank's result). Joins the process group (gloo) if it is not up, runs
     :func:`check_processes` for each ``(placement, model, global batch)`` in ``checks`` and
     :func:`count_step` for each in ``counts``, leaves the group, and returns the records as
-    JSON-ready dicts (the same on every rank)."""
+    JSON-ready dicts (the same on every rank). ``options`` go to :func:`check_processes`
+    (``width``, ``seed``, ``precision``, ...)."""
     torch.set_num_threads(threads)
     if not dist.is_initialized():
         dist.init_process_group("gloo")
     try:
         records = [
-            check_processes(placement, model, batch_size=int(batch), num_classes=num_classes).to_json()
+            check_processes(placement, model, batch_size=int(batch), num_classes=num_classes, **options).to_json()
             for placement, model, batch in checks
         ]
         counted = [count_step(placement, model, int(batch)) for placement, model, batch in counts]

@@ -6,8 +6,10 @@ it measures that setup (one tower per process) and rank 0 reports."""
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..errors import Alexnet2gpuError, ConfigError
+from ..parallel.names import PROCESS_PLACEMENTS
 from .arguments import (
     add_model_arguments,
     add_placement_arguments,
@@ -25,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--batch-sizes",
         default="32,64,128",
-        help="comma-separated batch sizes (global under ranks) (default: %(default)s)",
+        help="comma-separated batch sizes (global under ranks, replicas and hybrid) (default: %(default)s)",
     )
     group.add_argument(
         "--mode",
@@ -65,8 +67,10 @@ def _overhead(args: argparse.Namespace, placed, batch_size: int, kwargs: dict, s
 
     if args.precision != "fp32" or args.channels_last:
         raise ConfigError("--against-plain-loop times float32 contiguous steps: drop --precision and --channels-last")
-    if placed.layout.towers_apart:
-        raise ConfigError("--against-plain-loop compares one device: use --placement towers, grouped or auto")
+    if placed.layout.towers_apart or placed.layout.distributed:
+        raise ConfigError(
+            "--against-plain-loop compares one device in one process: use --placement towers, grouped, single or auto"
+        )
     with progress_bar(args.repeats, "harness against a plain loop", enabled=show) as bar:
         return measure_overhead(
             args.model,
@@ -95,7 +99,17 @@ def _write(path: str, results, overhead, machine: dict) -> None:
         raise Alexnet2gpuError(f"could not write {path}: {error.strerror or error}") from None
 
 
+def check_launched(placement: str, command: str) -> None:
+    """Refuses a torchrun placement outside torchrun, with the line that launches it."""
+    if placement in PROCESS_PLACEMENTS and "WORLD_SIZE" not in os.environ:
+        raise ConfigError(
+            f"placement '{placement}' runs one process per device: launch {command} with torchrun, e.g. "
+            f"`torchrun --nproc-per-node 2 -m alexnet2gpu {command} --placement {placement} ...`"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
+    check_launched(args.placement, "bench")
     import torch
 
     from ..measure.bench import MODES, bench_placed

@@ -78,6 +78,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=False,
         help="every net and batch in channels-last memory format (default: off)",
     )
+    _add_workers_arguments(parser)
+    parser.add_argument(
+        "--overhead",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time bench against a plain PyTorch loop on the simplified net (default: on)",
+    )
+
+
+def _add_workers_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("two workers (the 2012 towers, data parallel, the 2014 hybrid)")
     group.add_argument(
         "--workers",
@@ -98,12 +108,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--workers-repeats", type=int, default=1, help="its interleaved timed rounds (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--overhead",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also time bench against a plain PyTorch loop on the simplified net (default: on)",
     )
 
 

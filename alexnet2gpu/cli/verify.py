@@ -3,12 +3,20 @@ GPUs where present, else on cpu,cpu) computes the same logits, loss and gradient
 float64 reference, on a tiny net. Exits 1 on a mismatch. Run it on a new machine, e.g. a
 two-GPU box before training. With --precision bf16 or fp16 the step runs under autocast,
 each placement is held to tolerances derived from the dtype's unit roundoff, and the
-placements to each other."""
+placements to each other.
+
+With --processes 2 (or 2,4) verify also launches that many CPU processes (gloo, one thread
+each) itself and checks the torchrun placements there: ranks for dual, replicas for every
+net, hybrid for the single-stream nets, each net at its smallest input, the same loss and
+gradients as the single-process float64 reference and the bytes sent at the collectives
+equal to the closed form. Off by default: each process count adds a launch (about 15-40 s
+on a 2-core CPU) to the few seconds of the one-process rows."""
 
 from __future__ import annotations
 
 import argparse
 
+from ..errors import ConfigError
 from .arguments import add_precision_arguments, check_output_file, numerics_from_args
 
 
@@ -22,6 +30,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed", type=int, default=0, help="seed for weights, batch and dropout (default: %(default)s)"
     )
     add_precision_arguments(parser)
+    group = parser.add_argument_group("process placements")
+    group.add_argument(
+        "--processes",
+        metavar="N[,N]",
+        default=None,
+        help="also launch N CPU processes (gloo, 1 thread each) and check ranks, replicas and hybrid there, "
+        "e.g. 2 or 2,4; each count adds a launch of about 15-40 s on 2 CPU cores (default: off)",
+    )
+    group.add_argument(
+        "--process-timeout",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="seconds a process job may take before it fails (default: %(default)g)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-' for stdout)")
 
 
@@ -41,19 +64,57 @@ def _print_agreements(agreements, limits) -> None:
         )
 
 
+def parse_processes(spec: str | None, batch_size: int) -> list[int]:
+    """``--processes``: the process counts, each at least 2 and dividing the batch."""
+    if spec is None:
+        return []
+    try:
+        counts = [int(item) for item in spec.split(",")]
+    except ValueError:
+        raise ConfigError(f"--processes takes process counts such as 2 or 2,4, got '{spec}'") from None
+    for count in counts:
+        if count < 2:
+            raise ConfigError(f"--processes {spec}: a count must be at least 2, got {count}")
+        if batch_size % count:
+            raise ConfigError(
+                f"--batch-size {batch_size} does not divide over {count} processes: use a multiple of {count}"
+            )
+    return list(dict.fromkeys(counts))
+
+
+def _process_rows(args: argparse.Namespace, counts: list[int], precision: str):
+    """Every process check on each of ``counts`` processes, one launch per count."""
+    from ..checks.verify_launch import launch_checks, process_checks
+
+    records, failures = [], []
+    for count in counts:
+        checks = [(placement, model, args.batch_size) for placement, model in process_checks(count)]
+        got, failure = launch_checks(
+            count, checks, timeout_s=args.process_timeout, width=args.width, seed=args.seed, precision=precision
+        )
+        records += got
+        failures += [failure] if failure else []
+    return records, failures
+
+
 def run(args: argparse.Namespace) -> int:
+    check_output_file(args.json, "--json")
+    counts = parse_processes(args.processes, args.batch_size)
+    if args.process_timeout <= 0:
+        raise ConfigError(f"--process-timeout must be positive, got {args.process_timeout:g}")
+
     from ..checks.verify import check_all, tolerances
     from ..report import write_json
     from ..report.summary import render_checks
 
-    check_output_file(args.json, "--json")
     numerics = numerics_from_args(args)
     checks, agreements = check_all(
         width=args.width, image_size=args.image_size, batch_size=args.batch_size, seed=args.seed, numerics=numerics
     )
+    processes, failures = _process_rows(args, counts, numerics.precision)
     limits = tolerances(numerics.precision)
     if args.json != "-":
-        render_checks(checks)
+        render_checks(checks, processes, failures)
         if numerics.mixed:
             _print_agreements(agreements, limits)
     if args.json:
@@ -65,11 +126,17 @@ def run(args: argparse.Namespace) -> int:
                 "numerics": numerics.record(),
                 "checks": [c.to_json() for c in checks],
                 "agreements": [a.to_json() for a in agreements],
+                "processes": counts,
+                "process_checks": [c.to_json() for c in processes],
+                "process_failures": [f.to_json() for f in failures],
             },
         )
-    bad = [c.placement for c in checks if not c.ok] + [
-        f"{a.placement} against {a.against}" for a in agreements if not a.ok
-    ]
+    bad = (
+        [c.placement for c in checks if not c.ok]
+        + [f"{a.placement} against {a.against}" for a in agreements if not a.ok]
+        + [f"{c.placement}/{c.model} on {c.processes} processes" for c in processes if not c.ok]
+        + [f.line() for f in failures]
+    )
     if bad:
         print(f"alexnet2gpu verify: MISMATCH in {', '.join(bad)}")
     return 1 if bad else 0

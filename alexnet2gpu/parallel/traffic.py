@@ -212,7 +212,14 @@ def hybrid_sizes(model: nn.Module) -> dict[str, int | list[int]]:
     }
 
 
-def hybrid_bytes(batch: int, trunk_params: int, fc_inputs: Sequence[int], classes: int, processes: int) -> Fraction:
+def hybrid_bytes(
+    batch: int,
+    trunk_params: int,
+    fc_inputs: Sequence[int],
+    classes: int,
+    processes: int,
+    activation_bytes: int = FLOAT32_BYTES,
+) -> Fraction:
     """The 2014 hybrid (:mod:`.hybrid`), global batch ``batch`` over ``processes``:
 
     * the trunk's gradient all-reduce: 2 (p - 1) / p x 4 x trunk params;
@@ -222,16 +229,19 @@ def hybrid_bytes(batch: int, trunk_params: int, fc_inputs: Sequence[int], classe
     * the logits gathered (each process's slice of the classes, padded to ceil(C / p) as
       DTensor pads an uneven shard): (p - 1) / p x 4 x batch x p x ceil(C / p);
     * the labels gathered: (p - 1) / p x 8 x batch.
+
+    ``activation_bytes``: the size of an activation (fc inputs, logits): 2 under bf16/fp16
+    autocast, whose gradients stay float32.
     """
-    p = processes
+    p, a = processes, activation_bytes
     total = ring_bytes("all_reduce", trunk_params * FLOAT32_BYTES, p)
-    total += 2 * ring_bytes("all_gather", batch * sum(fc_inputs) * FLOAT32_BYTES, p)
-    total += ring_bytes("all_gather", batch * p * -(-classes // p) * FLOAT32_BYTES, p)
+    total += 2 * ring_bytes("all_gather", batch * sum(fc_inputs) * a, p)
+    total += ring_bytes("all_gather", batch * p * -(-classes // p) * a, p)
     total += ring_bytes("all_gather", batch * LABEL_BYTES, p)
     return total
 
 
-def towers_bytes_per_image(model: nn.Module) -> int:
+def towers_bytes_per_image(model: nn.Module, activation_bytes: int = FLOAT32_BYTES) -> int:
     """The 2012 towers (``ranks``, one replica): bytes each tower's process sends per image
     and training step. Forward, at exchanges 1-3, its conv2 output (after pooling), its
     pool5 output and its fc6 output; backward the other tower's half of each gradient,
@@ -245,25 +255,28 @@ def towers_bytes_per_image(model: nn.Module) -> int:
     side5 = pool5_size("dual", model.image_size)
     fc = tower.fc6.out_features
     floats = 2 * (tower.conv2.out_channels * side2**2 + tower.conv5.out_channels * side5**2 + fc) + fc
-    return floats * FLOAT32_BYTES
+    return floats * activation_bytes
 
 
-def towers_bytes(batch: int, model: nn.Module) -> int:
+def towers_bytes(batch: int, model: nn.Module, activation_bytes: int = FLOAT32_BYTES) -> int:
     """The 2012 towers: :func:`towers_bytes_per_image` x the batch, per process."""
-    return batch * towers_bytes_per_image(model)
+    return batch * towers_bytes_per_image(model, activation_bytes)
 
 
-def closed_form_bytes(placement: str, model: nn.Module, batch: int, processes: int) -> int | float:
+def closed_form_bytes(
+    placement: str, model: nn.Module, batch: int, processes: int, activation_bytes: int = FLOAT32_BYTES
+) -> int | float:
     """Bytes each process sends per training step under ``placement`` for the unplaced
     ``model`` and global ``batch``: ``ranks`` (the towers' exchanges for one replica's share of
     the batch; DDP's all-reduce between replicas is not counted there), ``replicas``,
-    ``hybrid``."""
+    ``hybrid``. ``activation_bytes``: 2 under bf16/fp16 autocast (activations exchanged in
+    the low precision; gradients all-reduced in float32)."""
     if placement == "ranks":
-        return towers_bytes(batch // max(1, processes // 2), model)
+        return towers_bytes(batch // max(1, processes // 2), model, activation_bytes)
     if placement == "replicas":
         total = replicas_bytes(sum(p.numel() for p in model.parameters()), processes)
     elif placement == "hybrid":
-        total = hybrid_bytes(batch, processes=processes, **hybrid_sizes(model))
+        total = hybrid_bytes(batch, processes=processes, activation_bytes=activation_bytes, **hybrid_sizes(model))
     else:
         raise ValueError(f"placement '{placement}' sends nothing between processes")
     return int(total) if total.denominator == 1 else float(total)

@@ -6,6 +6,7 @@ from rich.table import Table
 
 from ..checks.summary import SummaryRecord
 from ..checks.verify import PlacementCheck
+from ..checks.verify_processes import ProcessCheck
 from . import console, fmt_int
 
 __all__ = ["render_checks", "render_layer_table"]
@@ -34,25 +35,68 @@ def render_layer_table(record: SummaryRecord) -> None:
         out.print(record.note)
 
 
-def render_checks(checks: list[PlacementCheck]) -> None:
+def _result(ok: bool, tolerance: float, grads_tolerance: float | None) -> str:
+    if ok:
+        return "[green]same[/]"
+    limit = f"{tolerance:g}" if grads_tolerance is None else f"{tolerance:g}, gradients {grads_tolerance:.3g}"
+    return f"[red]MISMATCH[/] (>= {limit})"
+
+
+def _process_result(c: ProcessCheck) -> str:
+    """A process row's result: the step's errors and the bytes it counted at its collectives."""
+    if c.bytes_ok:
+        return _result(c.ok, c.tolerance, c.grads_tolerance)
+    sent = ", ".join(fmt_int(int(b)) for b in c.sent_bytes)
+    return f"[red]MISMATCH[/] (bytes sent {sent}, closed form {fmt_int(int(c.closed_form_bytes))})"
+
+
+def render_checks(checks: list[PlacementCheck], process_checks: list[ProcessCheck] = (), failures=()) -> None:
+    """`verify`'s table: one row per placement (and net and process count) against the
+    float64 reference; a process row has no logits column (its check is the loss and the
+    gradients, and the bytes sent at the collectives equal to the closed form). ``failures``:
+    a line each for a process job that returned no records."""
+    dropout = "dropout on" if not process_checks else "dropout 0.5 on dual, 0 on the single-stream nets and hybrid"
     table = Table(
-        title="largest relative error against the float64 reference (one training step, dropout on)",
+        title=f"largest relative error against the float64 reference (one training step, {dropout})",
         title_justify="left",
     )
     table.add_column("placement")
+    if process_checks:
+        table.add_column("net")
+        table.add_column("processes", justify="right")
     table.add_column("devices")
     for col in ("logits", "loss", "gradients"):
         table.add_column(col, justify="right")
     table.add_column("worst gradient", overflow="fold")
     table.add_column("result")
+    extra = ["dual", "1"] if process_checks else []
     for c in checks:
         table.add_row(
             c.placement,
+            *extra,
             ",".join(c.devices),
             f"{c.logits_rel_err:.2e}",
             f"{c.loss_rel_err:.2e}",
             f"{c.grads_rel_err:.2e}",
             c.worst_grad,
-            "[green]same[/]" if c.ok else f"[red]MISMATCH[/] (>= {c.tolerance:g})",
+            _result(c.ok, c.tolerance, c.grads_tolerance),
         )
-    console().print(table)
+    if process_checks:
+        table.add_section()
+    for c in process_checks:
+        worst = c.worst_grad + (f" (rank {c.worst_rank})" if c.worst_rank else "")
+        table.add_row(
+            c.placement,
+            c.model,
+            str(c.processes),
+            "cpu (gloo)",
+            "",
+            f"{c.loss_rel_err:.2e}",
+            f"{c.grads_rel_err:.2e}",
+            worst,
+            _process_result(c),
+        )
+    out = console()
+    out.print(table)
+    for failure in failures:
+        out.print(f"FAILED {failure.line()}", style="red", markup=False, highlight=False, soft_wrap=True)
