@@ -189,6 +189,29 @@ def test_ranks_exchanges_468992_bytes_per_image(tmp_path):
     assert all(d["rss_peak_bytes"] > d["params_bytes"] for d in data["devices"])
 
 
+@pytest.mark.distributed
+@pytest.mark.parametrize("placement", ["replicas", "hybrid"])
+def test_replicas_and_hybrid_hold_their_share_and_count_their_collectives(tmp_path, placement):
+    """Each process holds the whole net (replicas) or its share of fc6-fc8 (hybrid, a
+    DTensor's local shard), and the bytes are those counted at the collectives: the sum over
+    the 2 processes of the closed form."""
+    from alexnet2gpu.parallel.traffic import closed_form_bytes
+
+    out = tmp_path / "m.json"
+    size = ["--model", "simplified", "--width", "0.0625", "--image-size", "65"]
+    argv = ["-m", "alexnet2gpu", "memory", "--placement", placement, *size, "--batch-size", "8"]
+    result = run_torchrun(2, [*argv, "--threads", "1", "--json", str(out)], timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    with torch.device("meta"):
+        model = build_model("simplified", width=0.0625, image_size=65)
+    whole = sum(p.numel() for p in model.parameters())
+    held = [d["params"] for d in data["devices"]]
+    assert held == [whole, whole] if placement == "replicas" else all(whole / 2 < h < whole for h in held)
+    assert data["comm_bytes_per_step"] == 2 * closed_form_bytes(placement, model, 8, 2)
+    assert [d["parts"] for d in data["devices"]] == [["net"], ["net"]]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_measured_memory_on_cuda_agrees_with_the_estimate():
     """The allocator's figures for one step beside the CPU estimate of the same step: the

@@ -8,6 +8,7 @@ per process."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -97,7 +98,20 @@ class MemoryReport:
 
 
 def nbytes(t: torch.Tensor) -> int:
+    """Bytes this process holds of ``t`` (a DTensor's local shard: ``hybrid``'s fc layers)."""
+    t = getattr(t, "_local_tensor", t)
     return t.numel() * t.element_size()
+
+
+def collectives_counted(placed: nn.Module):
+    """The context a step runs in so that ``replicas``' and ``hybrid``'s collectives are
+    counted (:func:`~alexnet2gpu.parallel.traffic.count_collectives`); nothing for the rest
+    (``ranks`` counts its exchanges itself)."""
+    if getattr(placed, "traffic", None) is None:
+        return contextlib.nullcontext()
+    from ..parallel.traffic import count_collectives
+
+    return count_collectives(placed)
 
 
 def parts(placed: nn.Module) -> list[tuple[str, nn.Module, int]]:
@@ -105,6 +119,8 @@ def parts(placed: nn.Module) -> list[tuple[str, nn.Module, int]]:
     two devices of one process (``split``) own two slots, tower a with fc8 on 0 and tower b
     on 1; everything else has one slot per process."""
     layout = placed.layout
+    if layout.placement in ("replicas", "hybrid"):  # the whole net (or its share) in each process
+        return [("net", placed, 0)]
     if layout.towers_apart and not layout.distributed:
         return [("tower_a", placed.tower_a, 0), ("tower_b", placed.tower_b, 1), ("fc8", placed.fc8, 0)]
     names = [n for n in ("tower_a", "tower_b", "fc8") if isinstance(getattr(placed, n, None), nn.Module)]
@@ -136,7 +152,7 @@ def _state_bytes(
     counts, p_bytes, g_bytes, o_bytes = ([0] * slots for _ in range(4))
     for p in placed.parameters():
         slot = owners.get(id(p), 0)
-        counts[slot] += p.numel()
+        counts[slot] += getattr(p, "_local_tensor", p).numel()
         p_bytes[slot] += nbytes(p)
         if p.grad is not None:
             g_bytes[slot] += nbytes(p.grad)
@@ -155,11 +171,11 @@ def reset_exchange_counter(placed: nn.Module) -> None:
 
 def _comm_bytes(placed: nn.Module) -> int:
     """Bytes exchanged in the step just run, summed over processes under ``ranks``."""
-    counter = getattr(placed, "exchange_counter", None)
+    counter = getattr(placed, "exchange_counter", None) or getattr(placed, "traffic", None)
     if counter is None:
         return 0
     if placed.layout.distributed and torch.distributed.is_initialized():
-        # each process counts what it sends (see alexnet2gpu.parallel.ranks): the step's total is the sum
+        # each process counts what it sends (alexnet2gpu.parallel.ranks, .traffic): the step's total is the sum
         sent: list = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(sent, int(counter.bytes))
         return int(sum(sent))

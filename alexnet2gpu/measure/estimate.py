@@ -26,7 +26,16 @@ from torch import nn
 
 from ..models import build_model
 from ..parallel import FP32, Layout, Numerics, devices_of, forward_loss, place
-from .accounting import MemoryReport, build_report, nbytes, parts, reset_exchange_counter, rss_peak_bytes, slot_labels
+from .accounting import (
+    MemoryReport,
+    build_report,
+    collectives_counted,
+    nbytes,
+    parts,
+    reset_exchange_counter,
+    rss_peak_bytes,
+    slot_labels,
+)
 from .workload import make_batch, make_optimizer
 
 __all__ = ["SavedTensorAccountant", "estimate_memory", "largest_batch_that_fits"]
@@ -153,11 +162,12 @@ def estimate_memory(
     placed.train()
     reset_exchange_counter(placed)
     optimizer.zero_grad(set_to_none=True)
-    with SavedTensorAccountant(placed, slots, skip=[x]) as accountant, numerics.autocast(devices_of(placed)):
-        loss = forward_loss(placed, x, y)
-    if backward:
-        loss.backward()
-        optimizer.step()
+    with collectives_counted(placed):
+        with SavedTensorAccountant(placed, slots, skip=[x]) as accountant, numerics.autocast(devices_of(placed)):
+            loss = forward_loss(placed, x, y)
+        if backward:
+            loss.backward()
+            optimizer.step()
     layout = placed.layout
     ranks_cpu = layout.distributed and layout.device.type == "cpu"
     del loss

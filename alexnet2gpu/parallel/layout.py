@@ -351,7 +351,8 @@ def _process_layout(
     if not env.launched:
         raise ConfigError(
             f"placement '{placement}' runs {_LAUNCH_WHAT[placement]} and needs torchrun: launch it with "
-            f"torchrun, e.g. `torchrun --nproc-per-node 2 -m alexnet2gpu train --placement {placement} ...`"
+            f"torchrun, e.g. `torchrun --nproc-per-node 2 -m alexnet2gpu COMMAND --placement {placement} ...` "
+            "(train, bench, memory, summary)"
         )
     _check_one_process_per_gpu(devices, env, plan, placement)
     device = _local_device(devices, env.local_rank)
