@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import DualAlexNet, build_model, init_xavier_, seed_dropout, smallest_image_size
-from ..parallel import FP32, Numerics, devices_of, parse_devices, place
+from ..parallel import FP32, Numerics, default_device, devices_of, parse_devices, place
 
 __all__ = [
     "TOLERANCE",
@@ -136,7 +136,7 @@ def global_relative_error(actual: dict, expected: dict) -> float:
 def available_placements() -> list[tuple[str, list[str]]]:
     """Every placement this machine can run: towers and grouped on the first device, split
     on two GPUs where there are two, else on ("cpu", "cpu")."""
-    first = "cuda:0" if torch.cuda.is_available() else "cpu"
+    first = str(default_device())
     split = ["cuda:0", "cuda:1"] if torch.cuda.device_count() >= 2 else ["cpu", "cpu"]
     return [("towers", [first]), ("grouped", [first]), ("split", split)]
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import build_model, init_xavier_, seed_dropout, smallest_image_size
-from ..parallel import FP32, Numerics, close_distributed, forward_loss, full_gradients, place
+from ..parallel import FP32, Numerics, close_distributed, forward_loss, full_gradients, place, set_cpu_threads
 from ..parallel.traffic import closed_form_bytes, count_collectives, counted_bytes
 from .verify import FP16_LOSS_SCALE, TOLERANCE, global_relative_error, relative_error, tolerances
 
@@ -248,7 +248,7 @@ def run_checks(checks=(), counts=(), *, num_classes: int = 10, threads: int = 1,
     :func:`count_step` for each in ``counts``, leaves the group, and returns the records as
     JSON-ready dicts (the same on every rank). ``options`` go to :func:`check_processes`
     (``width``, ``seed``, ``precision``, ...)."""
-    torch.set_num_threads(threads)
+    set_cpu_threads(threads)
     if not dist.is_initialized():
         dist.init_process_group("gloo")
     try:

@@ -116,13 +116,10 @@ def run(args: argparse.Namespace) -> int:
     from ..measure.timing import machine_info
     from ..measure.workload import compile_placed, parse_batch_sizes
     from ..models import build_model
-    from ..parallel import TorchrunEnv, close_distributed, place
+    from ..parallel import TorchrunEnv, close_distributed, place, set_cpu_threads
     from ..report.bench import progress_bar, render_bench, render_overhead
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_cpu_threads(args.threads)
     batch_sizes = parse_batch_sizes(args.batch_sizes)
     modes = list(MODES) if args.mode == "both" else [args.mode]
     kwargs = model_kwargs(args)
