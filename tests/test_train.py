@@ -184,14 +184,21 @@ def test_odd_world_size_is_refused_with_the_number(capsys, monkeypatch):
     assert code == 2 and "WORLD_SIZE=3" in capsys.readouterr().err
 
 
-def test_a_single_stream_net_under_torchrun_is_refused(capsys, monkeypatch):
+def test_a_one_process_placement_under_torchrun_names_the_ones_that_run_there(capsys, monkeypatch):
+    """A single-stream net under torchrun trains data parallel (auto: replicas;
+    tests/test_train_processes.py); a placement that runs in one process is refused."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    code = main(["train", "--model", "simplified", "--data", "synthetic", "--steps", "1", "--quiet"])
-    assert code == 2 and "run it without torchrun" in capsys.readouterr().err
+    for model, placement, offered in (
+        ("simplified", "single", "replicas or hybrid"),
+        ("dual", "towers", "replicas or ranks"),
+    ):
+        code = main(["train", "--model", model, "--data", "synthetic", "--steps", "1", "--placement", placement])
+        err = capsys.readouterr().err
+        assert code == 2 and f"--placement {offered}" in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_batch_the_replicas_cannot_split_names_the_numbers():
-    with pytest.raises(ConfigError, match="batch size 6 does not split over 4"):
+    with pytest.raises(ConfigError, match="global batch of 6 does not divide over 4"):
         replica_slice(6, 4, 0)
     assert replica_slice(8, 2, 1) == slice(4, 8)
 

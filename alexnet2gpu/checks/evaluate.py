@@ -39,6 +39,7 @@ from ..errors import ConfigError
 from ..io.checkpoints import CHECKPOINT_FORMAT, load_checkpoint
 from ..models import DEFAULTS, build_model, is_two_tower
 from ..parallel import load_full_state_dict, place, resolve_layout
+from ..parallel.names import PROCESS_PLACEMENTS
 
 __all__ = [
     "SPLITS",
@@ -355,11 +356,12 @@ def _per_class(confusion: list[list[int]], classes: list[str]) -> list[ClassResu
 def _placed_net(spec: CheckpointSpec, weights: dict, placement: str, devices) -> nn.Module:
     with torch.device("meta"):
         two_tower = is_two_tower(build_model(spec.model, width=1 / 64))
-    layout = None if placement == "ranks" else resolve_layout(placement, devices, two_tower=two_tower)
-    if layout is None or layout.distributed:  # ranks, or auto under torchrun
+    layout = None if placement in PROCESS_PLACEMENTS else resolve_layout(placement, devices, two_tower=two_tower)
+    if layout is None or layout.distributed:  # ranks, replicas, hybrid, or auto under torchrun
+        one_process = "grouped, towers or split" if two_tower else "single"
         raise ConfigError(
-            "evaluate runs in one process: use --placement grouped, towers or split (a checkpoint written "
-            "under ranks holds the same weights), and run it without torchrun"
+            f"evaluate runs in one process: use --placement {one_process} (a checkpoint written under ranks, "
+            "replicas or hybrid holds the same weights, plain and whole), and run it without torchrun"
         )
     net = build_model(
         spec.model,

@@ -1,6 +1,8 @@
 """Trains a net on Fashion-MNIST, an ImageNet-style folder or synthetic data, in any
-placement: one device, two devices in one process (split), or one tower per process under
-torchrun (ranks, with data-parallel replicas when WORLD_SIZE = 2k). The paper's recipe is
+placement: one device, two devices in one process (split), or under torchrun one tower per
+process (ranks, with data-parallel replicas when WORLD_SIZE = 2k), the whole net per
+process (replicas: data parallel, any net; auto for a single-stream net) or the 2014 hybrid
+(hybrid: conv trunk data parallel, fc6-fc8 split over the processes). The paper's recipe is
 the default (SGD, momentum 0.9, weight decay 5e-4, lr 0.01 divided by 10 on a plateau of
 the validation error at most three times, biases at twice the lr without decay, 0-255
 inputs minus the training mean image; on 10 classes it starts at lr 0.003, and says so);
@@ -12,6 +14,7 @@ command that resumes it. Only rank 0 prints and writes. Examples:
   alexnet2gpu train --data synthetic --steps 20 --width 0.0625 --image-size 64
   alexnet2gpu train --model simplified --recipe d2l --image-size 112 --epochs 2 --plot curves.png
   torchrun --nproc-per-node 2 -m alexnet2gpu train --placement ranks --data synthetic --steps 10
+  torchrun --nproc-per-node 2 -m alexnet2gpu train --model simplified --placement hybrid --epochs 1
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["full_gradients", "full_state_dict", "load_full_state_dict"]
+__all__ = ["distributed_like", "full_cpu", "full_gradients", "full_state_dict", "load_full_state_dict", "local_part"]
 
 
 def _gather_tower_states(placed: nn.Module, local: dict) -> dict:
@@ -34,11 +34,17 @@ def _is_dtensor(value) -> bool:
     return type(value).__name__ == "DTensor" and hasattr(value, "full_tensor")
 
 
-def _full_cpu(value: torch.Tensor) -> torch.Tensor:
+def full_cpu(value: torch.Tensor) -> torch.Tensor:
     """A plain CPU copy; a DTensor's whole tensor (a collective: every rank must call)."""
     if _is_dtensor(value):
         value = value.full_tensor()
     return value.detach().cpu().clone()
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a DTensor (hybrid's fc6-fc8: a view, so in-place changes
+    reach the DTensor); a plain tensor as it is. No communication."""
+    return tensor.to_local() if _is_dtensor(tensor) else tensor
 
 
 def _on_ranks(placed: nn.Module) -> bool:
@@ -49,7 +55,7 @@ def _on_ranks(placed: nn.Module) -> bool:
 def full_state_dict(placed: nn.Module) -> dict[str, torch.Tensor]:
     """The full state dict on CPU, whatever the placement. Under ``ranks`` and ``hybrid`` it
     is a collective: every rank must call it (every rank receives the full dict)."""
-    local = {k: _full_cpu(v) for k, v in placed.state_dict().items()}
+    local = {k: full_cpu(v) for k, v in placed.state_dict().items()}
     if not _on_ranks(placed):
         return local
     merged = _gather_tower_states(placed, local)
@@ -60,7 +66,7 @@ def full_gradients(placed: nn.Module) -> dict[str, torch.Tensor | None]:
     """Every parameter's gradient as a plain full CPU tensor under its full-state-dict name
     (None where there is none), whatever the placement; a collective like
     :func:`full_state_dict` under ``ranks`` and ``hybrid``."""
-    local = {k: None if p.grad is None else _full_cpu(p.grad) for k, p in placed.named_parameters()}
+    local = {k: None if p.grad is None else full_cpu(p.grad) for k, p in placed.named_parameters()}
     if not _on_ranks(placed):
         return local
     merged = _gather_tower_states(placed, local)
@@ -73,7 +79,7 @@ def _dual_key_order(keys) -> list[str]:
     return sorted(keys, key=lambda k: rank.get(k.split(".", 1)[0], 3))
 
 
-def _distributed_like(current, value: torch.Tensor):
+def distributed_like(current, value: torch.Tensor):
     """``value`` (a plain full tensor) laid out as ``current``: a DTensor with its mesh and
     placements (from this process's own copy: no communication), else as it is."""
     if not _is_dtensor(current):
@@ -98,7 +104,7 @@ def load_full_state_dict(placed: nn.Module, state: dict[str, torch.Tensor]) -> N
     mismatch = _first_shape_mismatch(own, state)
     if mismatch:
         raise ConfigError(f"the state dict does not fit this model: {mismatch}")
-    subset = {k: _distributed_like(v, state[k]) for k, v in own.items()}
+    subset = {k: distributed_like(v, state[k]) for k, v in own.items()}
     try:
         placed.load_state_dict(subset, strict=True)
     except RuntimeError as error:

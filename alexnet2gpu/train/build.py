@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -16,6 +17,7 @@ from ..data.synthetic import HELD_OUT_BATCHES, HELD_OUT_OFFSETS, SyntheticLoader
 from ..errors import ConfigError
 from ..models import DEFAULTS, build_model, initialise_, is_two_tower
 from ..parallel import Layout, Numerics, TorchrunEnv, init_distributed, place, resolve_layout
+from ..parallel.state import local_part
 from .config import PLATEAU_PATIENCE, SYNTHETIC_EPOCH_STEPS, Recipe, TrainConfig
 
 __all__ = [
@@ -37,23 +39,30 @@ def _two_tower(model: str) -> bool:
 
 
 def resolve_run_layout(config: TrainConfig) -> Layout:
-    """Where this process runs, decided once: under ``ranks`` this joins torchrun's
-    process group (call :func:`~alexnet2gpu.parallel.close_distributed` on every exit)."""
+    """Where this process runs, decided once: under torchrun (``ranks``, ``replicas``,
+    ``hybrid``; ``auto`` picks ``ranks`` for ``dual``, ``replicas`` for a single-stream net)
+    this joins torchrun's process group (call
+    :func:`~alexnet2gpu.parallel.close_distributed` on every exit). A one-process placement
+    under torchrun is refused: every process would train the whole run alone."""
     env = TorchrunEnv.from_environ()
     two_tower = _two_tower(config.model)
     layout = resolve_layout(config.placement, config.devices, two_tower=two_tower)
     if env.world_size > 1 and not layout.distributed:
-        if not two_tower:
-            raise ConfigError(
-                f"under torchrun each process holds one tower of the two-tower net 'dual'; '{config.model}' "
-                "is a single-stream net that trains in one process: run it without torchrun"
-            )
+        launched = "replicas or ranks" if two_tower else "replicas or hybrid"
         raise ConfigError(
             f"launched by torchrun with WORLD_SIZE={env.world_size} but --placement {config.placement} "
-            "runs in one process: use --placement ranks (or auto) under torchrun, or run without torchrun"
+            f"runs in one process: use --placement {launched} (or auto) under torchrun, or run without torchrun"
+        )
+    if config.compile and layout.distributed:
+        raise ConfigError(
+            f"--compile compiles a net that runs in one process; under {layout.placement} each step runs through "
+            "collectives: run it without --compile, or --compile in one process (--placement single, grouped, "
+            "towers or split)"
         )
     if layout.distributed:
-        layout = init_distributed(config.devices, timeout_s=config.timeout)
+        layout = init_distributed(
+            config.devices, timeout_s=config.timeout, placement=layout.placement, two_tower=two_tower
+        )
     return layout
 
 
@@ -148,8 +157,8 @@ def build_numerics(config: TrainConfig, layout: Layout) -> Numerics:
 
 def place_net(net: nn.Module, layout: Layout, numerics: Numerics) -> nn.Module:
     """``net`` placed as ``layout`` says, its parameters in the run's memory format: made
-    channels-last before placing under ``ranks`` (DDP registers the parameters as they are
-    then), after placing otherwise (``grouped`` builds new parameters)."""
+    channels-last before placing under torchrun (``ranks``, ``replicas``, ``hybrid``: DDP
+    registers the parameters as they are then), after placing otherwise."""
     if layout.distributed:
         return place(numerics.format_model(net), layout)
     return numerics.format_model(place(net, layout))
@@ -157,15 +166,28 @@ def place_net(net: nn.Module, layout: Layout, numerics: Numerics) -> nn.Module:
 
 def build_scaler(numerics: Numerics, layout: Layout) -> torch.amp.GradScaler:
     """fp16's loss scaler (``GradScaler``; disabled for fp32 and bf16, it passes everything
-    through). Under ``ranks`` each process holds one tower's gradients, so whether they
-    overflowed must be agreed by every rank, or one tower would step and the other skip:
+    through). Under torchrun each process holds part of the gradients (``ranks``: one
+    tower's; ``hybrid``: 1/p of fc6-fc8's), so whether they overflowed must be agreed by
+    every rank, or one part would step and another skip:
     ``ShardedGradScaler`` all-reduces its found-inf flag over the process group before it
     decides, and so every rank's scale moves alike."""
     if numerics.scaled and layout.distributed:
         import torch.distributed as dist
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
-        return ShardedGradScaler(layout.device.type, process_group=dist.group.WORLD)
+        class LocalPartsScaler(ShardedGradScaler):
+            """Unscales each gradient through this process's part: hybrid's fc6-fc8 hold
+            DTensor gradients beside the trunk's plain ones, and the fused unscale refuses
+            the mix (its found-inf flag is a plain tensor)."""
+
+            def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16=True):
+                groups = [
+                    {"params": [SimpleNamespace(grad=local_part(p.grad)) for p in g["params"] if p.grad is not None]}
+                    for g in optimizer.param_groups
+                ]
+                return super()._unscale_grads_(SimpleNamespace(param_groups=groups), inv_scale, found_inf, allow_fp16)
+
+        return LocalPartsScaler(layout.device.type, process_group=dist.group.WORLD)
     return numerics.grad_scaler(layout.device.type)
 
 

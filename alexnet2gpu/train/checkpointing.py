@@ -19,6 +19,14 @@ generator (when CUDA is available), Python's ``random`` and each
 captured: nothing here draws from it. Under the ``ranks`` placement each process holds
 only its own tower's generator: gather the ``"dropout"`` entries of both tower ranks into
 one dict before rank 0 saves; :func:`restore_rng_state` restores the towers a process holds.
+Under ``replicas`` and ``hybrid`` the single-stream nets' ``nn.Dropout`` draws from each
+process's global RNG, seeded per replica (:func:`seed_replica_rng`): every replica's torch
+and CUDA states are saved (``"replica_global"``) and each replica resumes its own.
+
+Optimizer state under ``hybrid``: fc6-fc8's momentum buffers are DTensors like their
+parameters; they are saved as plain full tensors (a collective, in the same order on every
+rank) and distributed back as the parameter is on loading, so the file is the same as any
+other placement's.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from ..errors import Alexnet2gpuError, ConfigError
 from ..io.checkpoints import CHECKPOINT_FORMAT, load_checkpoint, newest_checkpoint
 from ..models import TowerDropout
 from ..parallel import Layout, full_state_dict, load_full_state_dict
+from ..parallel.state import distributed_like, full_cpu
 from .build import input_shape
 from .config import TrainConfig
 
@@ -51,6 +60,7 @@ __all__ = [
     "restore_checkpoint",
     "restore_rng_state",
     "resume_source",
+    "seed_replica_rng",
 ]
 
 log = logging.getLogger("alexnet2gpu")
@@ -130,6 +140,35 @@ def restore_rng_state(model: nn.Module, state: dict[str, Any]) -> None:
         module.generator = generator
 
 
+# Keeps the replicas' seeds apart from the run seed and from each other (a prime stride).
+REPLICA_SEED_STRIDE = 1_000_003
+
+
+def _own_global_rng(layout: Layout) -> bool:
+    """``replicas`` and ``hybrid``: each process draws ``nn.Dropout``'s masks from its own
+    global RNG (``ranks`` runs ``dual``, whose dropout has generators of its own)."""
+    return layout.distributed and layout.placement != "ranks"
+
+
+def seed_replica_rng(layout: Layout, seed: int, step: int = 0) -> None:
+    """Under ``replicas`` and ``hybrid``: seeds this process's global RNG (torch's, which
+    also seeds CUDA's) for its replica, after the net was built from the run seed, so that
+    replicas draw different dropout masks and the same ones for the same seed. ``step``:
+    a resume that holds no state for this replica (e.g. from a one-process run) starts a
+    fresh stream of its own at that step. Elsewhere nothing changes."""
+    if _own_global_rng(layout):
+        torch.manual_seed(seed + REPLICA_SEED_STRIDE * (layout.replica + 1) + step)
+
+
+def _replica_global_rng(rng: dict, layout: Layout) -> dict | None:
+    """This replica's saved global RNG states (``replicas``, ``hybrid``), popped out of
+    ``rng``; None where there are none (another placement, or a one-process run)."""
+    saved = rng.pop("replica_global", None)
+    if not _own_global_rng(layout) or not saved or layout.replica >= len(saved):
+        return None
+    return {k: v for k, v in saved[layout.replica].items() if v is not None}
+
+
 # --------------------------------------------------------------------------- optimizer state by name
 
 
@@ -144,7 +183,8 @@ def optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) 
             index_to_name[i] = names[id(p)]
     return {
         "state": {
-            index_to_name[i]: {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in s.items()}
+            # full_cpu: a DTensor's whole tensor (hybrid's fc6-fc8; a collective, in the same order everywhere)
+            index_to_name[i]: {k: (full_cpu(v) if torch.is_tensor(v) else v) for k, v in s.items()}
             for i, s in sd["state"].items()
         },
         "param_groups": [{**g, "params": [index_to_name[i] for i in g["params"]]} for g in sd["param_groups"]],
@@ -171,9 +211,19 @@ def load_optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimi
         missing = [n for n in index if n not in named["state"]]
         if missing:
             raise ConfigError(f"the checkpoint's optimizer state lacks {missing[0]}: it belongs to another model")
-    optimizer.load_state_dict(
-        {"state": {index[n]: s for n, s in named["state"].items() if n in index}, "param_groups": groups}
-    )
+    params = dict(model.named_parameters())
+    state = {
+        index[n]: {k: _like_param(params[n], v) for k, v in s.items()} for n, s in named["state"].items() if n in index
+    }
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _like_param(param: torch.Tensor, value):
+    """A saved (plain, full) state tensor laid out as its parameter: a DTensor with the
+    parameter's mesh and placements for hybrid's fc6-fc8 (no communication), else as it is."""
+    if torch.is_tensor(value) and tuple(value.shape) == tuple(param.shape):
+        return distributed_like(param, value)
+    return value
 
 
 # --------------------------------------------------------------------------- the checkpoint
@@ -190,27 +240,18 @@ def checkpoint_state(
     scaler: torch.amp.GradScaler | None = None,
 ) -> dict:
     """The checkpoint (on every rank; only rank 0 writes it). Under ``ranks`` the towers'
-    weights, optimizer states and dropout generators are gathered first; every rank's
-    loss scaler is the same (its overflows are agreed), so rank 0's is saved."""
+    weights, optimizer states and dropout generators are gathered first; under
+    ``replicas`` and ``hybrid`` every rank holds the same full weights and optimizer state
+    (DDP's gradients are the same everywhere, hybrid's fc6-fc8 are gathered whole), so
+    rank 0's are saved, with every replica's random streams. Every rank's loss scaler is
+    the same (its overflows are agreed), so rank 0's is saved."""
     model_state = full_state_dict(placed)
     optim_state = optimizer_state_by_name(placed, optimizer)
     rng = capture_rng_state(placed)
-    if layout.distributed:
-        # Every rank's optimizer state and dropout generators; replicas hold the same
-        # optimizer state (DDP averaged the gradients), but draw different dropout masks.
-        groups = [g["params"] for g in optim_state["param_groups"]]
-        parts: list[Any] = [None] * layout.world_size
-        dist.all_gather_object(parts, (optim_state["state"], rng["dropout"], groups, layout.replica))
-        first_replica = [p for p in parts if p[3] == 0]
-        optim_state["state"] = {k: v for p in first_replica for k, v in p[0].items()}
-        order = {name: k for k, name in enumerate(model_state)}  # all names, in dual order
-        for g, group in enumerate(optim_state["param_groups"]):
-            group["params"] = sorted({n for p in first_replica for n in p[2][g]}, key=order.__getitem__)
-        replicas = [{} for _ in range(layout.dp_size)]
-        for _, dropout, _, replica in parts:
-            replicas[replica].update(dropout)
-        rng["dropout"] = replicas[0]
-        rng["replica_dropout"] = replicas
+    if layout.placement == "ranks":
+        _gather_tower_ranks(layout, model_state, optim_state, rng)
+    elif layout.distributed:
+        _gather_replica_rng(layout, rng)
     folder = config.data not in ("fashion-mnist", "synthetic")  # an image folder: its path, resolved
     return {
         "format": CHECKPOINT_FORMAT,
@@ -244,6 +285,35 @@ def checkpoint_state(
             "ten_crop": config.ten_crop,
         },
     }
+
+
+def _gather_tower_ranks(layout: Layout, model_state: dict, optim_state: dict, rng: dict) -> None:
+    """``ranks``: every rank's optimizer state and dropout generators; replicas hold the
+    same optimizer state (DDP averaged the gradients), but draw different dropout masks."""
+    groups = [g["params"] for g in optim_state["param_groups"]]
+    parts: list[Any] = [None] * layout.world_size
+    dist.all_gather_object(parts, (optim_state["state"], rng["dropout"], groups, layout.replica))
+    first_replica = [p for p in parts if p[3] == 0]
+    optim_state["state"] = {k: v for p in first_replica for k, v in p[0].items()}
+    order = {name: k for k, name in enumerate(model_state)}  # all names, in dual order
+    for g, group in enumerate(optim_state["param_groups"]):
+        group["params"] = sorted({n for p in first_replica for n in p[2][g]}, key=order.__getitem__)
+    replicas: list[dict] = [{} for _ in range(layout.dp_size)]
+    for _, dropout, _, replica in parts:
+        replicas[replica].update(dropout)
+    rng["dropout"] = replicas[0]
+    rng["replica_dropout"] = replicas
+
+
+def _gather_replica_rng(layout: Layout, rng: dict) -> None:
+    """``replicas``, ``hybrid``: every replica's dropout generators (``dual``'s) and global
+    RNG states (the single-stream nets' ``nn.Dropout``), in replica order."""
+    parts: list[Any] = [None] * layout.world_size
+    mine = {"torch": rng["torch"], "cuda": rng.get("cuda")}
+    dist.all_gather_object(parts, (layout.replica, rng["dropout"], mine))
+    parts.sort(key=lambda p: p[0])
+    rng["replica_dropout"] = [p[1] for p in parts]
+    rng["replica_global"] = [p[2] for p in parts]
 
 
 def resume_source(config: TrainConfig) -> Path | None:
@@ -337,6 +407,10 @@ def restore_checkpoint(
     replicas = rng.pop("replica_dropout", None)
     if replicas and layout.replica < len(replicas):
         rng["dropout"] = replicas[layout.replica]
+    own = _replica_global_rng(rng, layout)
+    rng.update(own or {})
     restore_rng_state(placed, rng)
+    if own is None and layout.replica > 0:
+        seed_replica_rng(layout, int(state["config"]["seed"]), int(state["step"]))
     train_loader.load_state_dict(state["data"])
     return int(state["step"])

@@ -254,7 +254,9 @@ class TrainConfig:
         metavar="N",
     )
     timeout: float = setting(
-        DEFAULT_TIMEOUT_S, "training", "seconds a collective waits for a dead or hung rank before the job fails (ranks)"
+        DEFAULT_TIMEOUT_S,
+        "training",
+        "seconds a collective waits for a dead or hung rank before the job fails (under torchrun)",
     )
 
     metrics: str | None = setting(

@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import Alexnet2gpuError, ConfigError
 from ..parallel import Layout
 from ..parallel.distributed import RankLiveness, is_collective_error
+from ..parallel.state import local_part
 
 __all__ = ["Fault", "collective_failure", "diverging_message", "grad_flags", "nonfinite_message", "weights_nonfinite"]
 
@@ -70,12 +71,13 @@ def _tower_of(name: str) -> str:
 def grad_flags(placed: nn.Module, device: torch.device) -> torch.Tensor:
     """``[tower a has a non-finite gradient, tower b has one]`` as 0/1 float64 on
     ``device``, computed there without a host sync (read it when the numbers are needed);
-    single-stream nets count as tower a. Each tower's flags are reduced on the tower's own
+    single-stream nets count as tower a; of a DTensor (hybrid) this process's part (the
+    flags are summed over the ranks at the sync point). Each tower's flags are reduced on the tower's own
     device (``split`` has two) before one small copy to ``device``."""
     finite: dict[str, list[torch.Tensor]] = {"a": [], "b": []}
     for name, p in placed.named_parameters():
         if p.grad is not None:
-            finite[_tower_of(name)].append(torch.isfinite(p.grad).all())
+            finite[_tower_of(name)].append(torch.isfinite(local_part(p.grad)).all())
     flags = [
         torch.stack(f).all().logical_not().to(device, torch.float64)
         if f
@@ -87,7 +89,7 @@ def grad_flags(placed: nn.Module, device: torch.device) -> torch.Tensor:
 
 def weights_nonfinite(placed: nn.Module, device: torch.device) -> torch.Tensor:
     """1.0 (float64, on ``device``) when any weight is non-finite, else 0.0; no host sync."""
-    bad = [torch.isfinite(p).all().logical_not().to(device) for p in placed.parameters()]
+    bad = [torch.isfinite(local_part(p.detach())).all().logical_not().to(device) for p in placed.parameters()]
     return torch.stack(bad).any().to(torch.float64)
 
 

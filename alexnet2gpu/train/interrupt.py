@@ -3,7 +3,7 @@ checkpoint at it (in the run's checkpoint folder, or for a run without one in it
 interrupt folder), then stop with 130 (SIGINT) or 143 (SIGTERM).
 
 A handler only records the signal; the loop reads it at the end of each step, and under
-``ranks`` the flags are summed over the ranks every step (on the CPU, a host-only
+torchrun the flags are summed over the ranks every step (on the CPU, a host-only
 collective), so every rank stops after the same step and the checkpoint holds one
 consistent state. A second signal while the first is
 being handled stops at once (``KeyboardInterrupt``).

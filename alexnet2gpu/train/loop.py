@@ -3,12 +3,13 @@
     config = TrainConfig(model="dual", data="synthetic", steps=10, width=1/16, image_size=64)
     result = train(config)          # a TrainResult record; rendering is report.training
 
-What it does on every process of a job (one process, or torchrun's 2k processes under
-``ranks``):
+What it does on every process of a job (one process, or torchrun's processes under
+``ranks``, ``replicas`` or ``hybrid``):
 
 * resolves the :class:`~alexnet2gpu.parallel.Layout` once, builds the data for this
-  replica, the net from the run seed, places it and seeds the per-tower dropout
-  generators per data-parallel replica (:mod:`.build`);
+  replica, the net from the run seed, places it and seeds the dropout per data-parallel
+  replica (``dual``'s per-tower generators; the single-stream nets' global RNG under
+  ``replicas`` and ``hybrid``) (:mod:`.build`, :mod:`.checkpointing`);
 * each step: ``forward_loss(...)`` under the run's autocast (``--precision``) and its
   ``backward()`` (of the scaled loss under fp16, whose overflows every rank agrees on:
   :func:`.build.build_scaler`); the step's loss, correct count and
@@ -24,7 +25,7 @@ What it does on every process of a job (one process, or torchrun's 2k processes 
 * only rank 0 prints (through the display the caller passes) and writes (:mod:`.metrics`,
   checkpoints).
 
-Under ``ranks`` every rank records the step it is in (:class:`RankLiveness`), so that a
+Under torchrun every rank records the step it is in (:class:`RankLiveness`), so that a
 failed collective (a peer died, or the process-group timeout ran out waiting for a hung
 one) names the ranks that stopped; ``close_distributed`` runs on every exit path.
 """
@@ -66,6 +67,7 @@ from .checkpointing import (
     load_weights,
     restore_checkpoint,
     resume_source,
+    seed_replica_rng,
 )
 from .config import TrainConfig, TrainResult, cpu_hint
 from .evaluation import evaluate
@@ -143,13 +145,19 @@ class _Run:
     saved_path: str | None = None
 
     def sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` summed over every rank under ``ranks``; as it is in one process (even
-        where a process group happens to exist, e.g. a caller's torchrun job)."""
+        """``tensor`` summed over every rank under torchrun (``ranks``, ``replicas``,
+        ``hybrid``); as it is in one process (even where a process group happens to exist,
+        e.g. a caller's torchrun job). A step's loss and correct count come from the ranks
+        that hold the loss (:attr:`holds_loss`): under ``replicas`` each its own share's
+        mean loss, under ``hybrid`` each the whole batch's; the sum over the ranks divided
+        by ``dp_size`` is the global batch's loss either way (:mod:`.sync`), and each rank
+        counts its own examples' correct answers."""
         return all_sum(tensor) if self.layout.distributed else tensor
 
     @property
     def holds_loss(self) -> bool:
-        """This process holds fc8 and the loss (always, outside ``ranks``)."""
+        """This process holds fc8 and the loss: tower 0 under ``ranks``, every process
+        otherwise."""
         return self.layout.tower == 0
 
 
@@ -196,16 +204,12 @@ def _train(config: TrainConfig, layout: Layout, display_factory, on_evaluated) -
 
 def _prepare(config: TrainConfig, layout: Layout, display_factory) -> _Run:
     """Data first (it fixes the class count), then the net, placed where the layout says."""
-    if config.compile and layout.distributed:
-        raise ConfigError(
-            "--compile compiles a net that runs in one process; under ranks each step runs through "
-            "collectives: run ranks without --compile, or --compile with --placement grouped, towers or split"
-        )
     data = build_data(config, layout)
     hyper, departures = config.for_classes(data.num_classes)
     numerics = build_numerics(config, layout)
     placed = place_net(build_net(config, data.num_classes, hyper), layout, numerics)
     seed_dropout(placed, config.seed, replica=layout.replica)
+    seed_replica_rng(layout, config.seed)
     if config.weights:
         load_weights(layout, placed, Path(config.weights), config.model)
     optimizer = build_optimizer(hyper, placed)
@@ -360,7 +364,11 @@ def _forward_backward(run: _Run, x: torch.Tensor, y: torch.Tensor, step: int) ->
     logits_seen: list[torch.Tensor] = []
 
     def criterion(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits_seen[:] = [logits.detach()]
+        # hybrid's loss is the whole global batch's (on every process): count this
+        # replica's own rows of it, so that the correct counts sum over the ranks
+        rows = len(y)
+        own = logits if len(logits) == rows else logits[run.layout.replica * rows : (run.layout.replica + 1) * rows]
+        logits_seen[:] = [own.detach()]
         return F.cross_entropy(logits, labels)
 
     with run.numerics.autocast(devices_of(run.placed)):
