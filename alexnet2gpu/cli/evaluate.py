@@ -104,14 +104,13 @@ def _check(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     png = _check(args)
-    import torch
 
     from ..checks.evaluate import evaluate_checkpoint
+    from ..parallel import set_cpu_threads
     from ..report import write_json
     from ..report.evaluate import render_evaluation, write_confusion_png
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_cpu_threads(args.threads or None)
     record = evaluate_checkpoint(
         args.checkpoint,
         split=args.split,

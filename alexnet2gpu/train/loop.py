@@ -46,7 +46,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from ..errors import Alexnet2gpuError, ConfigError
 from ..io.checkpoints import save_in_directory
 from ..models import seed_dropout
-from ..parallel import Layout, Numerics, close_distributed, devices_of, forward_loss
+from ..parallel import Layout, Numerics, close_distributed, devices_of, forward_loss, set_cpu_threads
 from ..parallel.distributed import RankLiveness, all_sum
 from .build import (
     RunData,
@@ -93,8 +93,7 @@ def train(
     the curves). With ``checkpoint_dir`` (or, for a run without one, ``interrupt_dir``),
     SIGINT and SIGTERM end the run with a checkpoint at the current step and
     :class:`~.interrupt.Interrupted`."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    set_cpu_threads(config.threads or None)
     layout = resolve_run_layout(config)
     if not layout.distributed:
         return _train(config, layout, display_factory, on_evaluated)
