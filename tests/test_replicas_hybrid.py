@@ -179,7 +179,7 @@ def test_hybrid_refuses_dual():
 
 def test_replicas_without_torchrun_says_how_to_launch(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    with pytest.raises(ConfigError, match="torchrun --nproc-per-node 2 -m alexnet2gpu train --placement replicas"):
+    with pytest.raises(ConfigError, match="torchrun --nproc-per-node 2 -m alexnet2gpu COMMAND --placement replicas"):
         place(build_model("simplified", width=1 / 16, image_size=65), "replicas")
 
 

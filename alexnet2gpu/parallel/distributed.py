@@ -35,6 +35,7 @@ __all__ = [
     "all_sum",
     "close_distributed",
     "init_distributed",
+    "join_process_group",
     "is_collective_error",
     "register_group_holder",
     "select_collectives",
@@ -57,13 +58,21 @@ def register_group_holder(holder) -> None:
 def init_distributed(
     devices=None, timeout_s: float = DEFAULT_TIMEOUT_S, *, placement: str = "ranks", two_tower: bool = True
 ) -> Layout:
-    """Joins the process group torchrun set up (a no-op when it is already initialised) and
-    returns this process's layout for ``placement`` (``ranks``, ``replicas`` or ``hybrid``;
-    ``two_tower``: the net is ``dual``). ``devices``: None for ``cuda:LOCAL_RANK`` (else
-    the CPU), one device for every process, or one per local rank."""
+    """Resolves this process's layout for ``placement`` (``ranks``, ``replicas`` or
+    ``hybrid``; ``two_tower``: the net is ``dual``) and joins torchrun's process group
+    (:func:`join_process_group`). ``devices``: None for ``cuda:LOCAL_RANK`` (else the CPU),
+    one device for every process, or one per local rank."""
     layout = resolve_layout(placement, devices, two_tower=two_tower)
+    join_process_group(layout, timeout_s)
+    return layout
+
+
+def join_process_group(layout: Layout, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Joins the process group torchrun set up for an already resolved ``layout`` (a no-op
+    when it is already initialised): gloo on the CPU, gloo + NCCL where the layout's device
+    is a GPU, whose timeout is ``timeout_s``."""
     if dist.is_initialized():
-        return layout
+        return
     env = TorchrunEnv.from_environ()
     timeout = datetime.timedelta(seconds=timeout_s)
     store = _attempt_store(env, timeout)
@@ -73,7 +82,6 @@ def init_distributed(
         dist.init_process_group(BACKEND_CUDA, timeout=timeout, device_id=layout.device, **kwargs)
     else:
         dist.init_process_group(BACKEND_CPU, timeout=timeout, **kwargs)
-    return layout
 
 
 def select_collectives(module=dist):

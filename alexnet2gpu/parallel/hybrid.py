@@ -48,7 +48,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..models.sizes import check_input
-from .distributed import init_distributed, register_group_holder, select_collectives
+from .distributed import join_process_group, register_group_holder, select_collectives
 from .layout import Layout
 from .schedule import wrap_children
 from .traffic import CollectiveCounter, HookState, counting_allreduce_hook
@@ -180,6 +180,6 @@ def place_hybrid(model: nn.Module, layout: Layout, plan: bool = False) -> Hybrid
 
     if plan:
         raise NotImplementedError("hybrid cannot be planned on the meta device: plan 'single'")
-    init_distributed(list(layout.devices), placement="hybrid", two_tower=False)
+    join_process_group(layout)
     mesh = init_device_mesh(layout.device.type, (layout.world_size,), mesh_dim_names=("workers",))
     return HybridNet(model.to(layout.device), mesh, layout)

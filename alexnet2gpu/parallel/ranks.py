@@ -48,7 +48,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..models.dual import DualAlexNet, Tower, run_towers
-from .distributed import init_distributed, register_group_holder, select_collectives
+from .distributed import join_process_group, register_group_holder, select_collectives
 from .layout import Layout
 from .schedule import ExchangeCounter
 
@@ -248,10 +248,10 @@ class RanksDualAlexNet(nn.Module):
 
 def place_ranks(model: DualAlexNet, layout: Layout) -> RanksDualAlexNet:
     """Places ``model`` for this process under torchrun: joins the process group
-    (:func:`~alexnet2gpu.parallel.distributed.init_distributed`, default timeout) if
+    (:func:`~alexnet2gpu.parallel.distributed.join_process_group`, default timeout) if
     needed, builds the (k, 2) ``("dp", "tower")`` mesh and keeps this rank's tower."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    init_distributed(list(layout.devices), placement="ranks")
+    join_process_group(layout)
     mesh = init_device_mesh(layout.device.type, (layout.dp_size, 2), mesh_dim_names=("dp", "tower"))
     return RanksDualAlexNet(model, mesh, layout)

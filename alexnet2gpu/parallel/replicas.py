@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .distributed import init_distributed, register_group_holder
+from .distributed import join_process_group, register_group_holder
 from .grouped import GroupedDualAlexNet
 from .layout import Layout
 from .schedule import wrap_children
@@ -87,7 +87,7 @@ def place_replicas(model: nn.Module, layout: Layout, plan: bool = False) -> Repl
     first if needed."""
     if plan:
         raise NotImplementedError("replicas cannot be planned on the meta device: plan 'single' or 'grouped'")
-    init_distributed(list(layout.devices), placement="replicas", two_tower=layout.two_towers)
+    join_process_group(layout)
     net = model.to(layout.device)
     if layout.two_towers:
         net = GroupedDualAlexNet(net, layout)

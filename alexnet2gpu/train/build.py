@@ -16,7 +16,8 @@ from ..data import build_loaders
 from ..data.synthetic import HELD_OUT_BATCHES, HELD_OUT_OFFSETS, SyntheticLoader
 from ..errors import ConfigError
 from ..models import DEFAULTS, build_model, initialise_, is_two_tower
-from ..parallel import Layout, Numerics, TorchrunEnv, init_distributed, place, resolve_layout
+from ..parallel import Layout, Numerics, TorchrunEnv, place, resolve_layout
+from ..parallel.distributed import join_process_group
 from ..parallel.state import local_part
 from .config import PLATEAU_PATIENCE, SYNTHETIC_EPOCH_STEPS, Recipe, TrainConfig
 
@@ -60,9 +61,7 @@ def resolve_run_layout(config: TrainConfig) -> Layout:
             "towers or split)"
         )
     if layout.distributed:
-        layout = init_distributed(
-            config.devices, timeout_s=config.timeout, placement=layout.placement, two_tower=two_tower
-        )
+        join_process_group(layout, timeout_s=config.timeout)
     return layout
 
 
