@@ -1,6 +1,6 @@
 """compare: the matrix on a tiny size, compare.json / compare.md / plots written, every
 figure labelled, speed-ups, atomic writes (an interrupted run keeps the previous report),
-dual/ranks through its own torchrun job, and clear errors."""
+dual/ranks through the one process launcher, and clear errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import json
 import pytest
 import torch
 
-from alexnet2gpu import Alexnet2gpuError
 from alexnet2gpu.cli import compare as compare_cli
 from alexnet2gpu.cli import main
 from alexnet2gpu.errors import ConfigError
@@ -18,6 +17,8 @@ from alexnet2gpu.measure import compare as compare_mod
 from alexnet2gpu.measure import workload as workload_mod
 from alexnet2gpu.measure.compare import run_compare
 from alexnet2gpu.measure.matrix import CompareConfig, base_name, eager_name, precision_of, speedups, variant_name
+from alexnet2gpu.parallel import Numerics
+from alexnet2gpu.parallel.processes import WorkersFailed
 from alexnet2gpu.report import compare as report_compare
 from alexnet2gpu.report import make_console, plots
 
@@ -161,13 +162,13 @@ def test_compare_launches_ranks_itself_and_counts_the_same_bytes_as_split(tmp_pa
     assert {(r.mode, r.batch_size) for r in ranks.results} == {(m, b) for m in ("train", "infer") for b in (2, 4)}
 
 
-def test_ranks_job_failure_is_one_clear_error(monkeypatch):
-    monkeypatch.setattr(compare_mod, "_size_flags", lambda config: ["--width", "0.0625", "--image-size", "3"])
-    with pytest.raises(
-        Alexnet2gpuError,
-        match="dual/ranks torchrun job failed: exit 1: alexnet2gpu bench: error: image size 3 is too small",
-    ):
-        compare_mod._run_ranks(CompareConfig(variants=["dual/ranks"], overhead=False, **TINY), "dual/ranks")
+@pytest.mark.distributed
+def test_ranks_job_failure_is_one_clear_error_naming_the_rank():
+    config = CompareConfig(variants=["dual/ranks"], overhead=False, **TINY)
+    config.image_size = 3  # refused by the workers themselves, as a bad setting would be
+    with pytest.raises(WorkersFailed, match=r"^dual/ranks: worker rank [01] failed: .*image size 3") as caught:
+        compare_mod._run_ranks(config, "dual/ranks")
+    assert caught.value.rank in (0, 1)
 
 
 @pytest.mark.distributed
@@ -298,22 +299,33 @@ def test_throughput_plot_starts_at_zero_and_says_what_the_error_bars_are(report,
     [(0, "on the CPU (gloo)"), (2, "on cuda:0 and cuda:1 (NCCL)"), (4, "on cuda:0 and cuda:1 (NCCL)")],
 )
 def test_the_ranks_note_says_where_the_launched_workers_run(gpus, where, monkeypatch):
-    """The workers get no --devices: cuda:LOCAL_RANK where CUDA exists (NCCL), else the CPU (gloo)."""
+    """The workers take cuda:LOCAL_RANK where CUDA exists (NCCL), else the CPU (gloo): the
+    launcher is told which, and the note says it."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
-    job_notes = []
+    launched = []
 
-    def fake_job(argv, out, notes, **job):
-        notes.append("`bench`: a worker exited abnormally")
-        job_notes.append(argv[0])
-        return {"results": []}
+    def fake_launch(function, *args, **settings):
+        launched.append((function, args, settings))
+        return compare_mod._variant(args[1], None, [], "this torchrun job's 2 processes, one tower each")
 
-    monkeypatch.setattr(compare_mod, "run_torchrun_job", fake_job)
+    monkeypatch.setattr(compare_mod, "launch", fake_launch)
     config = CompareConfig(variants=["dual/ranks"], overhead=False, **TINY)
     variant = compare_mod._run_ranks(config, "dual/ranks+compile")
-    assert job_notes == ["bench"]
+    assert launched == [
+        (
+            compare_mod._ranks_job,
+            (config, "dual/ranks+compile"),
+            {
+                "processes": 2,
+                "threads": config.threads or 1,
+                "timeout_s": config.ranks_timeout_s,
+                "device": "cuda" if gpus else "cpu",
+            },
+        )
+    ]
     assert variant.note == (
-        f"2 processes launched with torch.distributed.run, one tower each, {where}; `bench`: a worker exited abnormally"
+        f"2 processes launched with torch.distributed.launcher (elastic_launch), one tower each, {where}"
     )
 
 
@@ -382,24 +394,41 @@ def test_compare_bf16_rows_carry_their_numerics_and_gains(bf16_report, tmp_path)
     assert "## Mixed-precision gain" in md and "| dual/towers+bf16 |" in md
 
 
-def test_the_ranks_job_gets_the_precision_and_memory_format(monkeypatch):
-    jobs = []
+@pytest.mark.parametrize("memory_takes_numerics", [True, False])
+def test_the_ranks_job_gets_the_precision_and_memory_format(memory_takes_numerics, monkeypatch):
+    """What the workers run (here in this process, through a stand-in launcher) measures
+    in the row's precision and memory format, and its record comes back through pickle."""
+    import pickle
 
-    def fake_job(argv, out, notes, **job):
-        jobs.append(argv)
-        return {"results": []} if argv[0] == "bench" else None
+    seen = {}
 
-    monkeypatch.setattr(compare_mod, "run_torchrun_job", fake_job)
-    monkeypatch.setattr(compare_mod.MemoryReport, "from_json", staticmethod(lambda data: None))
+    def fake_launch(function, *args, **settings):
+        return pickle.loads(pickle.dumps(function(*args)))  # spawn returns rank 0's result so
+
+    def fake_bench(model, placement, devices, **kwargs):
+        seen["bench"] = (model, placement, kwargs["numerics"])
+        return []
+
+    def fake_memory(model, placement, devices, *, numerics, **kwargs):
+        seen["memory"] = numerics
+
+    def fake_memory_without_numerics(model, placement, devices, *, batch_size, seed, **model_kwargs):
+        seen["memory"] = "fp32 only"  # a tree whose memory step predates precisions
+
+    monkeypatch.setattr(compare_mod, "launch", fake_launch)
+    monkeypatch.setattr(compare_mod, "run_bench", fake_bench)
+    monkeypatch.setattr(
+        compare_mod, "run_memory", fake_memory if memory_takes_numerics else fake_memory_without_numerics
+    )
     config = CompareConfig(variants=["dual/ranks"], overhead=False, channels_last=True, **TINY)
     variant = compare_mod._run_ranks(config, "dual/ranks+bf16")
     assert variant.precision == "bf16" and variant.name == "dual/ranks+bf16"
-    bench = jobs[0]
-    assert bench[0] == "bench" and bench[bench.index("--precision") + 1] == "bf16" and "--channels-last" in bench
-    if compare_mod._memory_takes_numerics():
-        assert jobs[1][0] == "memory" and jobs[1][jobs[1].index("--precision") + 1] == "bf16"
-    else:  # the memory step of this tree takes no precision yet: said, not run in fp32 instead
-        assert len(jobs) == 1 and "memory not measured" in variant.note
+    bf16 = Numerics("bf16", channels_last=True)
+    assert seen["bench"] == ("dual", "ranks", bf16)
+    if memory_takes_numerics:
+        assert seen["memory"] == bf16
+    else:  # said, not run in fp32 instead
+        assert "memory" not in seen and "memory not measured" in variant.note
 
 
 @pytest.mark.distributed

@@ -1,12 +1,11 @@
 """The main job: the simplified net, the two-tower net in every placement this machine can
-run (towers, grouped; split on two GPUs; ranks as a 2-process torchrun job it launches
-itself), and the peers half and torchvision, side by side: parameters and memory per
-device, training and inference images/s over batch sizes, bytes exchanged per step and
-speed-ups. Writes DIR/compare.json, DIR/compare.md and PNG plots, atomically: an
-interrupted run leaves the previous report as it was. Defaults fit 10 minutes on a 2-core
-CPU; --quick fits 2 and writes to compare-out/quick. --precision fp32,bf16 adds every row
-again under bf16 autocast (VARIANT+bf16; the default where CUDA runs the steps) with its
-gain over fp32."""
+run (towers, grouped; split on two GPUs; ranks in 2 processes it launches itself), and the
+peers half and torchvision, side by side: parameters and memory per device, training and
+inference images/s over batch sizes, bytes exchanged per step and speed-ups. Writes
+DIR/compare.json, DIR/compare.md and PNG plots, atomically: an interrupted run leaves the
+previous report as it was. Defaults fit 10 minutes on a 2-core CPU; --quick fits 2 and
+writes to compare-out/quick. --precision fp32,bf16 adds every row again under bf16
+autocast (VARIANT+bf16; the default where CUDA runs the steps) with its gain over fp32."""
 
 from __future__ import annotations
 

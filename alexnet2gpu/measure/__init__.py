@@ -8,7 +8,8 @@
 * :mod:`.accounting`, :mod:`.estimate`, :mod:`.memory`: memory per device, its records,
   the estimator (no GPU needed) and the CUDA measurement;
 * :mod:`.oom`: a CUDA out-of-memory error as one line with the largest batch that fits;
-* :mod:`.launch`: the torchrun job that ``compare`` starts for ``dual/ranks``;
+* :mod:`.workers`: the two-workers comparison (one device, towers, data parallel, hybrid);
+* :mod:`.fit`, :mod:`.cards`: the largest batch that fits each card;
 * :mod:`.compare`: the side-by-side comparison.
 
 A new measurement: a module here that returns a dataclass with ``to_json``, a renderer

@@ -4,19 +4,18 @@ Returns one plain :class:`CompareReport`; :mod:`alexnet2gpu.report.compare` rend
 
 The matrix (:mod:`.matrix`): ``simplified``, ``dual/towers``, ``dual/grouped``,
 ``dual/split`` (two GPUs; without them only its memory, estimated for cuda:0 and cuda:1),
-``dual/ranks`` (a 2-process torchrun job, launched here when this process is not one, with
-its JSON read back), and the peers ``half`` and ``torchvision``; with ``compile``, each
-measurable one again under ``torch.compile`` as ``NAME+compile``; in each precision of
-``config.resolved_precisions()`` beyond fp32 (bf16 by default on CUDA), each one again
-under autocast as ``NAME+bf16``. Every figure carries its source (measured or estimated),
-its device and its numerics (precision, memory format, cudnn.benchmark, TF32).
+``dual/ranks`` (2 processes, started here through :func:`~alexnet2gpu.parallel.processes.launch`
+when this process is not a torchrun worker, with rank 0's record back as data), and the
+peers ``half`` and ``torchvision``; with ``compile``, each measurable one again under
+``torch.compile`` as ``NAME+compile``; in each precision of ``config.resolved_precisions()``
+beyond fp32 (bf16 by default on CUDA), each one again under autocast as ``NAME+bf16``.
+Every figure carries its source (measured or estimated), its device and its numerics
+(precision, memory format, cudnn.benchmark, TF32).
 """
 
 from __future__ import annotations
 
 import inspect
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -24,9 +23,9 @@ from dataclasses import asdict
 import torch
 
 from ..parallel import Numerics, TorchrunEnv, close_distributed, default_device, set_cpu_threads
+from ..parallel.processes import WorkersFailed, launch
 from .accounting import MemoryReport
 from .bench import BenchResult, OverheadResult, measure_overhead, run_bench
-from .launch import run_torchrun_job
 from .matrix import (
     COMPILED,
     VARIANTS,
@@ -109,73 +108,57 @@ def _param_count(report: MemoryReport | None) -> int:
     return sum(d.params for d in report.devices) if report else 0
 
 
-def _size_flags(config: CompareConfig) -> list[str]:
-    flags = ["--width", repr(config.width)]
-    if config.image_size is not None:
-        flags += ["--image-size", str(config.image_size)]
-    return flags
-
-
-def _ranks_flags(config: CompareConfig) -> list[str]:
-    threads = ["--threads", str(config.threads)] if config.threads else []
-    return ["--model", "dual", "--placement", "ranks", *_size_flags(config), "--seed", str(config.seed), *threads]
-
-
-def _memory_cli_flags(numerics: Numerics) -> list[str] | None:
-    """The ``memory`` job's precision flag ([] for fp32; its bytes do not depend on the
-    memory format, which it does not take); None where this tree's memory step takes no
-    numerics (``run_memory``'s keyword, which ``memory --precision`` passes on), so the
-    row's memory is not measured."""
-    if not numerics.mixed:
-        return []
-    return ["--precision", numerics.precision] if _memory_takes_numerics() else None
-
-
-def _numerics_flags(numerics: Numerics) -> list[str]:
-    return ["--precision", numerics.precision, *(["--channels-last"] if numerics.channels_last else [])]
-
-
 def _timing(config: CompareConfig) -> dict:
     return {"warmup": config.warmup, "repeats": config.repeats, "steps": config.steps, "seed": config.seed}
 
 
+def _ranks_job(config: CompareConfig, name: str) -> Variant:
+    """What each launched worker runs for dual/ranks: the measurement in this job (module
+    level: spawn pickles it by name; rank 0's :class:`Variant` comes back by pickle)."""
+    return _run_ranks_here(config, None, name)
+
+
 def _run_ranks(config: CompareConfig, name: str) -> Variant:
-    """dual/ranks (in ``name``'s precision) as a 2-process torchrun job (this process is
-    not a torchrun worker)."""
-    notes: list[str] = []
-    job = {"threads": config.threads, "timeout_s": config.ranks_timeout_s}
-    numerics, compiled = numerics_for(name, config), name != eager_name(name)
-    with tempfile.TemporaryDirectory(prefix="alexnet2gpu-ranks-") as tmp:
-        sweep = ["--batch-sizes", ",".join(map(str, config.batch_sizes)), "--mode", "both"]
-        timing = ["--repeats", str(config.repeats), "--warmup", str(config.warmup), "--steps", str(config.steps)]
-        extra = [*_numerics_flags(numerics), *(["--compile"] if compiled else [])]
-        bench = run_torchrun_job(
-            ["bench", *_ranks_flags(config), *sweep, *timing, *extra], os.path.join(tmp, "bench.json"), notes, **job
+    """dual/ranks (in ``name``'s precision) as 2 processes started here through the one
+    launcher (:func:`~alexnet2gpu.parallel.processes.launch`; this process is not a
+    torchrun worker): bench, then memory, in one job, and rank 0's record back as data.
+
+    A failure is one :class:`WorkersFailed` naming the rank, never tried again: the
+    record comes back in memory or not at all (no file half there), and the crash at exit
+    that once made a retry worth it (gloo's threads, "terminate called without an active
+    exception") is gone at its source (:func:`~alexnet2gpu.parallel.close_distributed`)."""
+    device = "cpu" if default_device(0).type == "cpu" else "cuda"  # cuda: each rank its cuda:LOCAL_RANK
+    try:
+        variant = launch(
+            _ranks_job,
+            config,
+            name,
+            processes=2,
+            threads=config.threads or 1,
+            timeout_s=config.ranks_timeout_s,
+            device=device,
         )
-        report, memory_flags = None, _memory_cli_flags(numerics)
-        if not compiled and memory_flags is not None:
-            memory_argv = ["memory", *_ranks_flags(config), "--batch-size", str(config.memory_batch_size)]
-            report = MemoryReport.from_json(
-                run_torchrun_job([*memory_argv, *memory_flags], os.path.join(tmp, "memory.json"), notes, **job)
-            )
-        elif not compiled:
-            notes.append(f"memory not measured: `memory` takes no --precision {numerics.precision} here")
-    results = [BenchResult(**r) for r in bench["results"]]
-    return _variant(name, report, results, "; ".join([_ranks_note(), *notes]))
+    except WorkersFailed as error:
+        raise WorkersFailed(f"dual/ranks: {error}", rank=error.rank, exception=error.exception) from None
+    notes = [_ranks_note()]
+    if variant.memory is None and name == eager_name(name):
+        notes.append(f"memory not measured: this tree's memory step takes no {numerics_for(name, config).precision}")
+    variant.note = "; ".join(notes)
+    return variant
 
 
 def _ranks_note(nproc: int = 2) -> str:
-    """Where the launched job runs, by the workers' own rule: they get no ``--devices``, so
-    each takes its local rank's default (:func:`alexnet2gpu.parallel.default_device`:
-    cuda:LOCAL_RANK where CUDA exists, else the CPU), and the towers' tensors go through
-    NCCL on CUDA, gloo on the CPU (as :meth:`~alexnet2gpu.parallel.Layout.describe` says).
-    On one GPU :func:`plan_variants` skips dual/ranks: rank 1 would want a cuda:1 that is not there."""
+    """Where the launched job runs, by the workers' own rule: each takes its local rank's
+    default (:func:`alexnet2gpu.parallel.default_device`: cuda:LOCAL_RANK where CUDA
+    exists, else the CPU), and the towers' tensors go through NCCL on CUDA, gloo on the CPU
+    (as :meth:`~alexnet2gpu.parallel.Layout.describe` says). On one GPU
+    :func:`plan_variants` skips dual/ranks: rank 1 would want a cuda:1 that is not there."""
     devices = [default_device(local_rank) for local_rank in range(nproc)]
     if all(d.type == "cpu" for d in devices):
         where = "on the CPU (gloo)"
     else:
         where = f"on {', '.join(map(str, devices[:-1]))} and {devices[-1]} (NCCL)"
-    return f"{nproc} processes launched with torch.distributed.run, one tower each, {where}"
+    return f"{nproc} processes launched with torch.distributed.launcher (elastic_launch), one tower each, {where}"
 
 
 def _run_ranks_here(config: CompareConfig, on_repeat: Callable[[], None] | None, name: str) -> Variant:
@@ -281,7 +264,7 @@ def _run_variants(
         if on_progress:
             on_progress(0, name)
         if VARIANTS[base_name(name)].processes > 1:
-            variant = _run_ranks(config, name)
+            variant = _run_ranks(config, name)  # its workers report no progress: all its units at the end
             if on_progress:
                 on_progress(units[name], name)
         else:

@@ -76,7 +76,7 @@ class CompareConfig:
     width: float = 1.0  # width multiplier for every net
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     overhead: bool = True  # also time bench against a plain PyTorch loop (simplified)
-    ranks_timeout_s: float = 420.0  # each torchrun job for dual/ranks (bench, then memory)
+    ranks_timeout_s: float = 420.0  # the 2-process job for dual/ranks (bench and memory; parallel.processes)
     seed: int = 0
     compile: bool = False  # also measure each variant under torch.compile (the "+compile" rows)
     # the precisions of the rows (fp32 rows keep their names, others get "+bf16"/"+fp16");
