@@ -14,7 +14,7 @@ import pytest
 
 from alexnet2gpu.checks import verify_launch
 from alexnet2gpu.checks.verify import tolerances
-from alexnet2gpu.checks.verify_launch import ProcessFailure, launch_checks, process_checks
+from alexnet2gpu.checks.verify_launch import launch_checks, process_checks
 from alexnet2gpu.checks.verify_processes import ProcessCheck
 from alexnet2gpu.cli import main
 
@@ -83,17 +83,16 @@ def _failure(message, exitcode: int, timestamp: int):
 
 def test_the_root_cause_is_the_rank_with_an_error_of_its_own():
     """The agent stops the other ranks: their failures (a signal, or a collective that
-    failed because of the first) are not the cause."""
+    failed because of the first: PeerStopped) are not the cause."""
+    from alexnet2gpu.parallel.processes import root_cause
+
     own = {"message": "ValueError: shape mismatch\nmore", "extraInfo": {}}
-    echo = {"message": "RuntimeError: a collective failed (a peer stopped?): Connection closed by peer"}
+    echo = {"message": "PeerStopped: rank 0: a collective failed (a peer stopped?): Connection closed by peer"}
     error = SimpleNamespace(failures={0: _failure(echo, 1, 1), 1: _failure(own, 1, 2), 2: _failure("", -15, 0)})
-    failure = verify_launch._failure(4, error)
-    assert failure == ProcessFailure(4, 1, "ValueError: shape mismatch")
-    assert failure.line() == "4 processes: rank 1 failed: ValueError: shape mismatch"
-    only_killed = SimpleNamespace(failures={1: _failure("", -9, 0)})
-    assert verify_launch._failure(2, only_killed).line() == (
-        "2 processes: rank 1 failed: killed by signal SIGTERM (exit code -9)"
-    )
+    failed = root_cause(error)
+    assert failed.rank == 1 and failed.exception.startswith("ValueError: shape mismatch")
+    only_killed = root_cause(SimpleNamespace(failures={1: _failure("", -9, 0)}))
+    assert (only_killed.rank, only_killed.exception) == (1, "killed by signal SIGTERM (exit code -9)")
 
 
 @pytest.mark.distributed

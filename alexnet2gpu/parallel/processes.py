@@ -71,6 +71,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import logging
 import os
 import signal
 import sys
@@ -277,6 +278,22 @@ def _stopped(stop: SignalException) -> WorkersFailed:
     return WorkersFailed(f"the workers were stopped by {name}", rank=None, exception=f"stopped by {name}")
 
 
+@contextlib.contextmanager
+def _quiet_agent():
+    """The agent logs each failed worker's traceback and every SIGTERM it sends: the
+    failure comes back as one :class:`WorkersFailed` instead (``alexnet2gpu -v`` shows them)."""
+    loggers = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.multiprocessing")]
+    levels = [logger.level for logger in loggers]
+    if not logging.getLogger("alexnet2gpu").isEnabledFor(logging.DEBUG):
+        for logger in loggers:
+            logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def launch(
     function: Callable,
     *args,
@@ -296,7 +313,7 @@ def launch(
 
     entry_args = (function, args, kwargs, threads, timeout_s, device, os.getpid())
     try:
-        with _signals_kept(timeout_s + rdzv_timeout_s + _GRACE_S) as handled:
+        with _quiet_agent(), _signals_kept(timeout_s + rdzv_timeout_s + _GRACE_S) as handled:
             results = elastic_launch(_launch_config(processes, rdzv_timeout_s, handled), rank_entrypoint)(*entry_args)
     except ChildFailedError as error:
         raise root_cause(error) from None
