@@ -47,6 +47,7 @@ from fractions import Fraction
 import torch
 from torch import nn
 
+from ..data.shares import local_batch
 from ..models import build_model, is_two_tower
 from ..parallel import forward_loss, place
 from ..parallel.processes import launch
@@ -394,10 +395,8 @@ def measure_workers(
     :func:`ways_for` per net. ``image_size`` None: each net's own. Raises
     :class:`~alexnet2gpu.parallel.processes.WorkersFailed` naming the rank and exception if a process fails, and
     ``ConfigError`` if the batch does not divide over the processes."""
-    from ..errors import ConfigError
 
-    if batch_size % processes:
-        raise ConfigError(f"a global batch of {batch_size} does not divide over {processes} processes")
+    local_batch(batch_size, processes)  # every process an equal share, or one clear refusal
     settings = {
         "batch_size": batch_size,
         "image_size": image_size,

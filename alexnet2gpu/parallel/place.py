@@ -1,6 +1,8 @@
 """One :func:`place` call: a model in, the module to call out, with ``.layout`` saying
-where it runs. The model itself never changes: a placement moves its towers and supplies
-the exchange (:mod:`.grouped`, :mod:`.split`, :mod:`.ranks`), or wraps the whole net for
+where it runs. The model's function never changes, but its parameters move: a placement
+moves the towers to their devices (under ``ranks`` the tower another process holds goes to
+the meta device, freeing it) and supplies the exchange (:mod:`.grouped` builds fused
+parameters from the towers'; :mod:`.split`, :mod:`.ranks`), or wraps the whole net for
 several processes (:mod:`.replicas`: DDP; :mod:`.hybrid`: a data-parallel trunk and
 tensor-parallel fc6-fc8); every placed model keeps the parameter names of the net it was
 given, so state dicts and checkpoints move freely between placements.
