@@ -229,7 +229,7 @@ def test_with_temporaries_the_peak_over_time_must_fit_too(precision):
     plain = step_line("dual", "towers", precision, **TINY)
     line = step_line("dual", "towers", precision, temporaries=True, **TINY)
     assert line.tracked is not None and plain.tracked is None
-    for batch in (100, 200):
+    for batch in (200,):  # beyond the line's two points (suite time: one direct peak)
         direct = tracked_peak("dual", "towers", precision, batch, **TINY)
         assert abs(line.tracked_peak(batch) - direct) <= 0.02 * direct
     card = _card_for(plain, 150.5)

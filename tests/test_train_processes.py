@@ -183,7 +183,8 @@ def test_hybrid_checkpoints_are_plain_full_tensors_and_move_to_and_from_one_proc
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("placement, precision", [("replicas", "fp32"), ("hybrid", "fp32"), ("hybrid", "fp16")])
+# hybrid fp32 is the fp16 case without its scaler: the two here cover every saved stream (suite time)
+@pytest.mark.parametrize("placement, precision", [("replicas", "fp32"), ("hybrid", "fp16")])
 def test_a_resumed_run_is_bit_for_bit_the_unbroken_one_with_dropout(tmp_path, placement, precision):
     """Dropout 0.5: each replica's masks come from its own global RNG, saved per replica
     and restored, so the resumed run draws the unbroken run's masks. fp16: hybrid's
@@ -200,7 +201,7 @@ def test_a_resumed_run_is_bit_for_bit_the_unbroken_one_with_dropout(tmp_path, pl
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("placement", ["replicas", "hybrid"])
+@pytest.mark.parametrize("placement", ["hybrid"])  # replicas' evaluation has no collective to hang on
 def test_evaluation_runs_shares_that_differ_in_size_and_count(tmp_path, placement):
     """41 test images over 2 processes at 4 a batch: shares of 21 and 20, six batches and
     five. Hybrid's forward is a collective, so the short share runs padding, counted for

@@ -144,16 +144,6 @@ def test_a_rank_that_raises_comes_back_as_one_line(capsys, monkeypatch):
 
 
 @pytest.mark.distributed
-def test_four_processes_compose_with_replicas():
-    checks = [("ranks", "dual", 4), ("replicas", "simplified", 4), ("hybrid", "torchvision", 4)]
-    records, failure = launch_checks(4, checks)
-    assert failure is None
-    for r in records:
-        assert r.ok and r.processes == 4, r
-        assert r.sent_bytes == [r.closed_form_bytes] * 4
-
-
-@pytest.mark.distributed
 def test_bf16_process_rows_use_the_derived_tolerances():
     """Under autocast the activations cross in bfloat16 (2 bytes: the closed form halves
     them) and the gradients are held to the tolerance derived from bfloat16's roundoff."""
