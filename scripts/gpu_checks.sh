@@ -132,9 +132,13 @@ steps() {  # every step, the most important first; GPUS is the machine's GPU cou
             --batch-size 128 --check-estimate --json "$OUT/split-cuda0-cuda1.json"
         step ranks 60 "${TORCHRUN[@]}" -m alexnet2gpu bench --model dual --placement ranks \
             --batch-sizes 128 --mode both --repeats 5 --steps 5 --warmup 3 --json "$OUT/ranks.json"
+        # the three ways to use two devices (towers, data parallel, hybrid), one process per GPU
+        extra two-workers 120 "${A2G[@]}" compare --out "$OUT/two-workers" --variants simplified --no-overhead \
+            --precision fp32 --batch-sizes 128 --memory-batch-size 128 --repeats 1 --workers --workers-repeats 3
     else
         skip split-cuda0-cuda1 "needs two GPUs and this machine has $GPUS (split-cuda0-cpu ran split across devices)"
         skip ranks "torchrun --nproc-per-node 2 puts one tower per GPU and this machine has $GPUS"
+        skip two-workers "the towers, data parallel and the hybrid run one process per GPU: needs two GPUs, this machine has $GPUS"
     fi
     # dual/towers in bf16 on one GPU at batch 128, against compare's fp32 row of the same batch
     extra bench-bf16 25 "${A2G[@]}" bench --model dual --placement towers --devices cuda:0 --precision bf16 \

@@ -21,7 +21,7 @@ SCRIPT = ROOT / "scripts" / "gpu_checks.sh"
 FIRST = ["env", "verify", "verify-bf16", "split-cuda0-cpu"]
 ESTIMATES = ["estimate-dual-grouped", "estimate-dual-towers", "estimate-simplified-single", "estimate-half-auto"]
 ONE_GPU = [*FIRST, *ESTIMATES, "lrn", "compare", "compile"]
-TWO_GPUS = ["split-cuda0-cuda1", "ranks"]
+TWO_GPUS = ["split-cuda0-cuda1", "ranks", "two-workers"]
 EXTRAS = ["bench-bf16", "pytest-cuda", "memory-snapshot"]
 
 

@@ -181,7 +181,10 @@ def _two_workers(args: argparse.Namespace, command: str) -> None:
     if unknown or not models:
         raise ConfigError(f"--workers-models {args.workers_models}: choose from {', '.join(MODELS)}")
     batch = args.workers_batch_size or (16 if args.quick else 128)
-    settings = dict(batch_size=batch, threads=args.threads or 1, repeats=args.workers_repeats, warmup=0)
+    import torch
+
+    device = "cuda" if torch.cuda.device_count() >= 2 else "cpu"  # one process per GPU, or gloo on the CPU
+    settings = dict(batch_size=batch, threads=args.threads or 1, repeats=args.workers_repeats, warmup=0, device=device)
     if args.image_size or args.width:
         settings.update(image_size=args.image_size, width=args.width or 1.0)
     with console().status(
