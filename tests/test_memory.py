@@ -5,6 +5,7 @@ and ranks nets), the JSON keys of the report, CUDA-only paths skipped without CU
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -353,3 +354,16 @@ def test_measured_mixed_precision_memory_on_cuda_splits_activations_by_dtype(pre
     assert d.source == "measured" and d.weight_casts_bytes > 0
     assert d.params_bytes == d.optimizer_bytes == 4 * d.params
     assert max(d.activations_by_dtype, key=d.activations_by_dtype.get) in ("bfloat16", "float16")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
+def test_a_process_peak_rss_is_its_own_not_its_parent_s():
+    """A worker spawned by a big process (compare) reports its own peak: getrusage's
+    ru_maxrss carries the parent's across fork and exec on Linux, VmHWM does not."""
+    import subprocess
+
+    parent = "big = bytearray(600 * 2**20)\nfor i in range(0, len(big), 4096): big[i] = 1\n"
+    child = "from alexnet2gpu.measure.accounting import rss_peak_bytes; print(rss_peak_bytes())"
+    script = parent + f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}], check=True)"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert 0 < int(out) < 600 * 2**20  # the child never held the parent's 600 MiB

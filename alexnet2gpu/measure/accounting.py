@@ -183,7 +183,17 @@ def _comm_bytes(placed: nn.Module) -> int:
 
 
 def rss_peak_bytes() -> int:
-    """This process's peak resident set size (measured by the kernel)."""
+    """This process's peak resident set size, measured by the kernel: Linux's ``VmHWM``,
+    the high-water mark of this program's own memory since it started. ``getrusage``'s
+    ``ru_maxrss`` is the fallback (macOS): on Linux it carries the parent's peak across
+    fork and exec, so a worker spawned by a large process (compare) reported compare's."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
