@@ -337,3 +337,16 @@ def test_single_stream_nets_take_one_device():
     assert place(model, "auto").layout.placement == "single"
     with pytest.raises(ConfigError, match="splits the two-tower net"):
         place(model, "split", "cpu,cpu")
+
+
+@pytest.mark.parametrize("placement", ["towers", "grouped", "split"])
+def test_every_placed_net_has_the_same_shape(placement):
+    """Callers read these attributes and never probe: counters a placement lacks are None,
+    and releasing the process groups of a one-process placement does nothing."""
+    from alexnet2gpu import build_model, place
+
+    devices = ["cpu", "cpu"] if placement == "split" else ["cpu"]
+    placed = place(build_model("dual", width=1 / 16, image_size=67), placement, devices)
+    assert placed.layout.placement == placement and placed.traffic is None
+    assert (placed.exchange_counter is not None) == (placement == "split")
+    assert placed.release_groups() is None

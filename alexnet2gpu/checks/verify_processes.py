@@ -108,8 +108,8 @@ def _placed_step(model: nn.Module, placement: str, x, y, seed: int, device, nume
     seed_dropout(placed, seed, replica=layout.replica)
     placed.train()
     rows = slice(layout.replica * (x.shape[0] // layout.dp_size), (layout.replica + 1) * (x.shape[0] // layout.dp_size))
-    counting = count_collectives(placed) if hasattr(placed, "traffic") else contextlib.nullcontext()
-    counter = getattr(placed, "exchange_counter", None)
+    counting = count_collectives(placed) if placed.traffic is not None else contextlib.nullcontext()
+    counter = placed.exchange_counter
     if counter is not None:
         counter.reset()
     with counting:
@@ -196,10 +196,9 @@ def _errors(grads: dict, ref_grads: dict, mixed: bool) -> tuple[float, str]:
 
 def _release(placed: nn.Module) -> None:
     """Lets the placed net's process groups go now (its DDP, mesh), not at interpreter exit."""
-    release = getattr(placed, "release_groups", None)
-    if release is not None:
+    if placed.layout.distributed:
         dist.barrier()
-        release()
+    placed.release_groups()
 
 
 def count_step(
@@ -224,7 +223,7 @@ def count_step(
     processes = dist.get_world_size()
     expected = closed_form_bytes(placement, model, batch_size, processes)
     placed, loss, sent = _placed_step(model, placement, x, y, seed, torch.device(device))
-    by_kind = placed.traffic.by_kind() if hasattr(placed, "traffic") else {}
+    by_kind = placed.traffic.by_kind() if placed.traffic is not None else {}
     _release(placed)
     return {
         "placement": placement,

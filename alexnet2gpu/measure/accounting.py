@@ -107,7 +107,7 @@ def collectives_counted(placed: nn.Module):
     """The context a step runs in so that ``replicas``' and ``hybrid``'s collectives are
     counted (:func:`~alexnet2gpu.parallel.traffic.count_collectives`); nothing for the rest
     (``ranks`` counts its exchanges itself)."""
-    if getattr(placed, "traffic", None) is None:
+    if placed.traffic is None:
         return contextlib.nullcontext()
     from ..parallel.traffic import count_collectives
 
@@ -164,14 +164,13 @@ def _state_bytes(
 
 def reset_exchange_counter(placed: nn.Module) -> None:
     """Zeroes the count of bytes exchanged, where the placement keeps one."""
-    counter = getattr(placed, "exchange_counter", None)
-    if counter is not None:
-        counter.reset()
+    if placed.exchange_counter is not None:
+        placed.exchange_counter.reset()
 
 
 def _comm_bytes(placed: nn.Module) -> int:
     """Bytes exchanged in the step just run, summed over processes under ``ranks``."""
-    counter = getattr(placed, "exchange_counter", None) or getattr(placed, "traffic", None)
+    counter = placed.exchange_counter or placed.traffic
     if counter is None:
         return 0
     if placed.layout.distributed and torch.distributed.is_initialized():

@@ -254,10 +254,10 @@ def _counted_step(placed: nn.Module, optimizer, x, y) -> tuple[ProcessMemory, fl
         synchronize([device])
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-    counter = getattr(placed, "exchange_counter", None)
+    counter = placed.exchange_counter
     if counter is not None:
         counter.reset()
-    counting = count_collectives(placed) if hasattr(placed, "traffic") else contextlib.nullcontext()
+    counting = count_collectives(placed) if placed.traffic is not None else contextlib.nullcontext()
     optimizer.zero_grad(set_to_none=True)
     with counting:
         with _SavedBytes([p for p in placed.parameters() if not p.is_meta], skip=[x]) as saved:
@@ -278,7 +278,7 @@ def _counted_step(placed: nn.Module, optimizer, x, y) -> tuple[ProcessMemory, fl
     memory = ProcessMemory(**state, activations_bytes=activations, input_bytes=_nbytes(x), peak_bytes=peak)
     if counter is not None:
         return memory, float(counter.bytes), {"tower exchanges": float(counter.bytes)}
-    if hasattr(placed, "traffic"):
+    if placed.traffic is not None:
         return memory, float(counted_bytes(placed)), placed.traffic.by_kind()
     return memory, 0.0, {}
 
@@ -290,10 +290,9 @@ def _gather(value):
 
 
 def _release(placed: nn.Module) -> None:
-    release = getattr(placed, "release_groups", None)
-    if release is not None:
+    if placed.layout.distributed:
         torch.distributed.barrier()
-        release()
+    placed.release_groups()
 
 
 @dataclass

@@ -97,7 +97,25 @@ def place(model: nn.Module, placement: str | Layout = "auto", devices=None) -> n
         layout = resolve_layout(placement, devices, two_tower=two_tower, plan=plan)
     placed = _PLACERS[layout.placement](model, layout, plan)
     placed.layout = layout
+    _give_shape(placed)
     return placed
+
+
+def _no_groups() -> None:
+    """A placement in one process holds no process groups to release."""
+
+
+def _give_shape(placed: nn.Module) -> None:
+    """Every placed net answers the same questions, whatever the placement, so callers read
+    attributes and never probe: ``layout``; ``exchange_counter``, the towers' exchanges
+    (``split``, ``ranks``; else None); ``traffic``, the bytes at the collectives
+    (``replicas``, ``hybrid``; else None); ``release_groups()``, letting its process groups
+    go (a no-op in one process)."""
+    for name in ("exchange_counter", "traffic"):
+        if not hasattr(placed, name):
+            setattr(placed, name, None)
+    if not hasattr(placed, "release_groups"):
+        placed.release_groups = _no_groups
 
 
 def devices_of(model: nn.Module) -> tuple[torch.device, ...]:

@@ -174,7 +174,7 @@ class _FunctionalCollectives(TorchDispatchMode):
 
 
 def _traffic(placed: nn.Module) -> CollectiveCounter:
-    counter = getattr(placed, "traffic", None)
+    counter = placed.traffic
     if counter is None:
         raise TypeError(f"{type(placed).__name__} counts no collectives (replicas and hybrid do)")
     return counter
@@ -285,5 +285,5 @@ def closed_form_bytes(
 def counted_bytes(placed: nn.Module) -> int | float:
     """What ``placed`` counted since its counter was last reset: ``ranks``'s exchanges, or the
     collectives of ``replicas`` and ``hybrid``."""
-    exchanges = getattr(placed, "exchange_counter", None)
+    exchanges = placed.exchange_counter
     return exchanges.bytes if exchanges is not None else _traffic(placed).bytes
