@@ -39,7 +39,10 @@ def test_which_checks_run_on_how_many_processes():
     [
         (["verify", "--processes", "1"], "--processes 1: a count must be at least 2, got 1"),
         (["verify", "--processes", "two"], "--processes takes process counts such as 2 or 2,4, got 'two'"),
-        (["verify", "--processes", "2,4", "--batch-size", "6"], "--batch-size 6 does not divide over 4 processes"),
+        (
+            ["verify", "--processes", "2,4", "--batch-size", "6"],
+            "--batch-size 6 over 4 processes: a global batch of 6 does not divide over 4",
+        ),
         (["verify", "--processes", "2", "--process-timeout", "0"], "--process-timeout must be positive, got 0"),
     ],
 )

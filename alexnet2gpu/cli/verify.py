@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..data.shares import local_batch
 from ..errors import ConfigError
 from .arguments import add_precision_arguments, check_output_file, numerics_from_args
 
@@ -75,10 +76,10 @@ def parse_processes(spec: str | None, batch_size: int) -> list[int]:
     for count in counts:
         if count < 2:
             raise ConfigError(f"--processes {spec}: a count must be at least 2, got {count}")
-        if batch_size % count:
-            raise ConfigError(
-                f"--batch-size {batch_size} does not divide over {count} processes: use a multiple of {count}"
-            )
+        try:
+            local_batch(batch_size, count)  # the one rule for a batch over replicas (torch-free)
+        except ConfigError as error:
+            raise ConfigError(f"--batch-size {batch_size} over {count} processes: {error}") from None
     return list(dict.fromkeys(counts))
 
 

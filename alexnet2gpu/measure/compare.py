@@ -316,7 +316,7 @@ def run_compare(
             return None
         overhead = _run_overhead(config, on_progress) if config.overhead else None
     finally:
-        torch.set_num_threads(previous_threads)
+        set_cpu_threads(previous_threads)
     order = list(VARIANTS)
     precisions = config.resolved_precisions()
     variants.sort(key=lambda v: (order.index(base_name(v.name)), precisions.index(v.precision), v.compiled))

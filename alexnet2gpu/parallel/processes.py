@@ -141,11 +141,11 @@ def _from_collective(error: BaseException | None) -> bool:
 
 def _run_rank(function: Callable, args: tuple, kwargs: dict, threads: int, timeout_s: float, device: str):
     """What each worker runs (see :func:`rank_entrypoint`)."""
-    import torch
 
+    from .devices import set_cpu_threads
     from .distributed import close_distributed, init_distributed
 
-    torch.set_num_threads(threads)
+    set_cpu_threads(threads)
     signal.signal(signal.SIGALRM, _on_alarm(timeout_s))
     signal.alarm(max(1, int(timeout_s)))
     try:
