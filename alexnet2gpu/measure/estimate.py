@@ -55,10 +55,16 @@ _COPY_NODES = {
 _COPY_GRAPH_LIMIT = 16  # nodes walked before a saved tensor counts as an activation
 
 
+def _storage(t: torch.Tensor) -> torch.UntypedStorage:
+    """The storage this process holds of ``t``: a DTensor's (``hybrid``'s fc layers) is its
+    local shard's."""
+    return getattr(t, "_local_tensor", t).untyped_storage()
+
+
 def _storage_key(t: torch.Tensor) -> int:
     """Identifies a tensor's storage, for real and fake tensors alike (a fake tensor's
     data_ptr is 0 for all of them; its StorageImpl is its own)."""
-    return t.untyped_storage()._cdata
+    return _storage(t)._cdata
 
 
 class SavedTensorAccountant:
@@ -119,7 +125,7 @@ class SavedTensorAccountant:
         if storage in self._params or key in self._seen:
             return t
         self._seen.add(key)
-        size = t.untyped_storage().nbytes()
+        size = _storage(t).nbytes()
         if self._is_weight_cast(t):
             self.weight_casts[self.slot] += size
         else:

@@ -38,7 +38,6 @@ of ``memory_allocated`` during the forward pass: labelled ``measured``.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 from dataclasses import asdict, dataclass, field
@@ -51,7 +50,9 @@ from ..data.shares import local_batch
 from ..models import build_model, is_two_tower
 from ..parallel import forward_loss, place
 from ..parallel.processes import launch
-from ..parallel.traffic import closed_form_bytes, count_collectives, counted_bytes
+from ..parallel.traffic import closed_form_bytes, counted_bytes
+from .accounting import collectives_counted, reset_exchange_counter
+from .estimate import SavedTensorAccountant
 from .timing import rates_summary, synchronize, time_repeats
 from .workload import make_batch, make_optimizer, train_step
 
@@ -202,35 +203,6 @@ def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None or t.is_meta else t.numel() * t.element_size()
 
 
-def _storage(t: torch.Tensor):
-    return t.untyped_storage()
-
-
-class _SavedBytes:
-    """Bytes of the tensors autograd saves for the backward in this process: the estimator's
-    rule (:class:`~.estimate.SavedTensorAccountant`: each storage once, the parameters and
-    the input batch left out, as they are counted apart) on DTensors' local shards."""
-
-    def __init__(self, params, skip: list[torch.Tensor]) -> None:
-        self._seen = {_storage(_local(p))._cdata for p in params} | {_storage(t)._cdata for t in skip}
-        self.bytes = 0
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        storage = _storage(_local(t))
-        if storage._cdata not in self._seen:
-            self._seen.add(storage._cdata)
-            self.bytes += storage.nbytes()
-        return t
-
-    def __enter__(self) -> _SavedBytes:
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._hooks.__exit__(*exc)
-
-
 def _state_memory(placed: nn.Module, optimizer, rank: int, source: str) -> dict:
     params = [p for p in placed.parameters() if not p.is_meta]
     momentum = [v for p in params for v in optimizer.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
@@ -255,12 +227,10 @@ def _counted_step(placed: nn.Module, optimizer, x, y) -> tuple[ProcessMemory, fl
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     counter = placed.exchange_counter
-    if counter is not None:
-        counter.reset()
-    counting = count_collectives(placed) if placed.traffic is not None else contextlib.nullcontext()
+    reset_exchange_counter(placed)
     optimizer.zero_grad(set_to_none=True)
-    with counting:
-        with _SavedBytes([p for p in placed.parameters() if not p.is_meta], skip=[x]) as saved:
+    with collectives_counted(placed):
+        with SavedTensorAccountant(placed, 1, skip=[x]) as saved:
             loss = forward_loss(placed, x, y)
         if cuda:
             synchronize([device])
@@ -273,7 +243,8 @@ def _counted_step(placed: nn.Module, optimizer, x, y) -> tuple[ProcessMemory, fl
     if cuda:
         peak = torch.cuda.max_memory_allocated(device)
     else:
-        activations = saved.bytes
+        # the estimator's rule; joined or cast copies of the weights (grouped's) stay in this figure
+        activations = saved.activations[0] + saved.weight_casts[0]
         peak = state["params_bytes"] + state["grads_bytes"] + state["optimizer_bytes"] + activations + _nbytes(x)
     memory = ProcessMemory(**state, activations_bytes=activations, input_bytes=_nbytes(x), peak_bytes=peak)
     if counter is not None:
