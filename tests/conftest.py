@@ -20,6 +20,17 @@ def _deterministic():
 
 
 @pytest.fixture
+def one_thread():
+    """One CPU thread for the test, the previous setting restored after: tiny nets run
+    fastest so, a busy 2-core machine makes two threads contend, and torchrun's workers run
+    one thread each (a module opts in: ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_dual():
     return build_model("dual", **TINY)
 

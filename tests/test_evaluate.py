@@ -25,13 +25,9 @@ from .tiny import TINY_SIZE, TINY_WIDTH
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_and_own_cache(monkeypatch, tmp_path):
+def _one_thread_and_own_cache(one_thread, monkeypatch, tmp_path):
     """One thread (tiny nets, a busy 2-core machine) and a mean-image cache of the test's own."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _config(tmp_path, model="dual", name="run", **overrides) -> TrainConfig:

@@ -18,13 +18,7 @@ WORKER = str(ROOT / "tests" / "dist_ranks_worker.py")
 TOLERANCE = 1e-5  # DESIGN.md: float32 relative error under 1e-5, loss at every step and final weights
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The workers run one thread each; so does the reference (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _towers_reference(steps: int, batch_size: int, dropout: float, lr: float = 0.01):

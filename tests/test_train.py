@@ -46,14 +46,7 @@ TINY_FLAGS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny nets run fastest on one thread, and a busy 2-core CI machine makes two threads
-    contend badly; the previous setting is restored for the other tests."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _steps(metrics_path) -> dict[int, float]:

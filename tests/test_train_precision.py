@@ -22,13 +22,7 @@ from .dist_launch import run_torchrun, torchrun_env
 from .test_train import TINY, TINY_FLAGS, _assert_weights_close
 from .tiny import TINY_ARGS
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _events(path) -> list[dict]:

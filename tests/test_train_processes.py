@@ -23,13 +23,7 @@ from .dist_launch import run_torchrun
 from .test_train import _small_fashion_mnist
 from .tiny import tiny, tiny_args
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _one_process(model: str, **extra) -> TrainConfig:
